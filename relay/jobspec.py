@@ -1,0 +1,113 @@
+"""The job spec: everything a federated job fixes up front, shared by every message of the job.
+
+Ring order, rounds or cycles, local epochs, the model recipe and the training settings live
+here. Every envelope refers to its job by ``job_id``; a node refuses a message for a job it
+has not been given.
+"""
+
+from __future__ import annotations
+
+import uuid
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from relay.validation import parse
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+"""Site and federation names: lower case, digits, ``-`` and ``_``; they become routing-key words."""
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024
+"""8 MiB: under RabbitMQ 4.x's 16 MiB default ``max_message_size``, far under 3.x's 128 MiB."""
+
+
+class Algorithm(StrEnum):
+    """How the model travels."""
+
+    FEDAVG = "fedavg"
+    ENSEMBLE = "ensemble"
+    SWT = "swt"
+    CWT = "cwt"
+
+    @property
+    def is_ring(self) -> bool:
+        """True for the peer-to-peer ring workflows (SWT, CWT)."""
+        return self in (Algorithm.SWT, Algorithm.CWT)
+
+
+class Frozen(BaseModel):
+    """Base of the spec models: immutable, unknown keys refused."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelSpec(Frozen):
+    """Which network from the node's registry, and its size. Never code: only a name and numbers."""
+
+    name: Literal["unet", "segresnet"] = "unet"
+    in_channels: int = Field(default=4, ge=1, le=64)
+    out_channels: int = Field(default=3, ge=1, le=64)
+    width: int = Field(default=8, ge=1, le=256, description="channels of the first level")
+    depth: int = Field(default=4, ge=2, le=6, description="resolution levels")
+
+
+class TrainingSpec(Frozen):
+    """Local training at each site."""
+
+    local_epochs: int = Field(default=1, ge=1, le=10_000)
+    batch_size: int = Field(default=2, ge=1, le=1024)
+    learning_rate: float = Field(default=3e-3, gt=0, le=10)
+    keep_optimizer_state: bool = Field(
+        default=True,
+        description="a site keeps its Adam state between rounds of the same job",
+    )
+
+
+class JobSpec(Frozen):
+    """A federated job. ``rounds`` means FedAvg rounds, CWT cycles, or ensemble/SWT training passes."""
+
+    schema_version: Literal[1] = 1
+    job_id: str = Field(default_factory=lambda: uuid.uuid4().hex, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    federation: Name = "demo"
+    algorithm: Algorithm
+    sites: tuple[Name, ...] = Field(min_length=1, max_length=1000)
+    rounds: int = Field(default=1, ge=1, le=100_000)
+    min_sites: int | None = Field(
+        default=None, ge=1, description="FedAvg quorum; None means every site"
+    )
+    round_timeout_s: float = Field(default=3600.0, gt=0)
+    chunk_size: int = Field(default=DEFAULT_CHUNK_SIZE, ge=1024, le=128 * 1024 * 1024)
+    seed: int = Field(default=0, ge=0)
+    model: ModelSpec = ModelSpec()
+    training: TrainingSpec = TrainingSpec()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobSpec:
+        if len(set(self.sites)) != len(self.sites):
+            dup = sorted({s for s in self.sites if self.sites.count(s) > 1})
+            raise ValueError(f"each site once in 'sites'; repeated: {dup}")
+        if self.algorithm is Algorithm.SWT and self.rounds != 1:
+            raise ValueError("'rounds' = 1 for swt (one pass round the ring); use cwt for more")
+        if self.min_sites is not None and self.min_sites > len(self.sites):
+            raise ValueError(
+                f"'min_sites' = {self.min_sites} is more than the {len(self.sites)} sites"
+            )
+        return self
+
+    @property
+    def quorum(self) -> int:
+        """How many site updates a FedAvg round needs."""
+        return self.min_sites if self.min_sites is not None else len(self.sites)
+
+    def next_site(self, site: str) -> str | None:
+        """The ring successor of ``site``, or None after the last site of the ring."""
+        index = self.sites.index(site)
+        return self.sites[index + 1] if index + 1 < len(self.sites) else None
+
+
+def parse_job_spec(data: object) -> JobSpec:
+    """Validate a job spec from plain data; raises EnvelopeError naming every bad field."""
+    return parse(JobSpec, data, what="job")

@@ -1,0 +1,47 @@
+"""Turning pydantic's ValidationError into fedrelay's own, readable errors."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from relay.errors import EnvelopeError
+
+M = TypeVar("M")
+
+_MAX_SHOWN = 80
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= _MAX_SHOWN else text[: _MAX_SHOWN - 3] + "..."
+
+
+def describe(error: ValidationError, *, what: str) -> str:
+    """One line per problem: ``<what>.<field>: got <value>; expected <pydantic's words>``."""
+    lines = []
+    for problem in error.errors(include_url=False):
+        field = ".".join(str(part) for part in problem["loc"]) or "(whole)"
+        if problem["type"] == "missing":
+            lines.append(f"{what}.{field}: missing; it is required")
+        else:
+            lines.append(f"{what}.{field}: {problem['msg']} (got {_shown(problem.get('input'))})")
+    return "; ".join(lines)
+
+
+def parse(schema: type[M] | TypeAdapter[M], data: Any, *, what: str) -> M:
+    """Validate ``data`` against a pydantic model or adapter; raise EnvelopeError naming each field."""
+    adapter = schema if isinstance(schema, TypeAdapter) else TypeAdapter(schema)
+    try:
+        return adapter.validate_python(data)
+    except ValidationError as e:
+        raise EnvelopeError(describe(e, what=what)) from e
+
+
+def parse_json(schema: type[BaseModel], text: str | bytes, *, what: str) -> Any:
+    """Validate JSON text against a pydantic model, with the same error style as :func:`parse`."""
+    try:
+        return schema.model_validate_json(text)
+    except ValidationError as e:
+        raise EnvelopeError(describe(e, what=what)) from e
