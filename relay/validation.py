@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -22,19 +23,26 @@ def describe(error: ValidationError, *, what: str) -> str:
     """One line per problem: ``<what>.<field>: got <value>; expected <pydantic's words>``."""
     lines = []
     for problem in error.errors(include_url=False):
-        field = ".".join(str(part) for part in problem["loc"]) or "(whole)"
-        if problem["type"] == "missing":
+        field = ".".join(str(part) for part in problem["loc"])
+        message = problem["msg"].removeprefix("Value error, ")
+        if not field:
+            lines.append(f"{what}: {message}")
+        elif problem["type"] == "missing":
             lines.append(f"{what}.{field}: missing; it is required")
         else:
-            lines.append(f"{what}.{field}: {problem['msg']} (got {_shown(problem.get('input'))})")
+            lines.append(f"{what}.{field}: {message} (got {_shown(problem.get('input'))})")
     return "; ".join(lines)
 
 
-def parse(schema: type[M] | TypeAdapter[M], data: Any, *, what: str) -> M:
-    """Validate ``data`` against a pydantic model or adapter; raise EnvelopeError naming each field."""
-    adapter = schema if isinstance(schema, TypeAdapter) else TypeAdapter(schema)
+@functools.cache
+def _adapter(schema: type[M]) -> TypeAdapter[M]:
+    return TypeAdapter(schema)
+
+
+def parse(schema: type[M], data: Any, *, what: str) -> M:
+    """Validate ``data`` against a pydantic model; raise EnvelopeError naming each bad field."""
     try:
-        return adapter.validate_python(data)
+        return _adapter(schema).validate_python(data)
     except ValidationError as e:
         raise EnvelopeError(describe(e, what=what)) from e
 

@@ -1,0 +1,113 @@
+"""Aggregation math: pure functions and a streaming accumulator; workflows only coordinate.
+
+FedAvg's weighted mean follows McMahan et al., "Communication-Efficient Learning of Deep
+Networks from Decentralized Data" (AISTATS 2017): the global model is the average of the
+site models weighted by their numbers of training samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from relay.codec import StateDict
+from relay.errors import InvalidInput
+
+
+def check_compatible(reference: Mapping[str, torch.Tensor], candidate: StateDict, *, who: str) -> None:
+    """Raise InvalidInput unless ``candidate`` has exactly the reference's names, shapes, dtypes."""
+    missing = sorted(set(reference) - set(candidate))
+    extra = sorted(set(candidate) - set(reference))
+    if missing or extra:
+        raise InvalidInput(
+            f"{who}: tensors do not match the job's model (missing {missing[:5]}, "
+            f"unexpected {extra[:5]}); was it trained from another model recipe?"
+        )
+    for name, tensor in reference.items():
+        other = candidate[name]
+        if other.shape != tensor.shape or other.dtype != tensor.dtype:
+            raise InvalidInput(
+                f"{who}: tensor {name!r} is {other.dtype} {tuple(other.shape)}, "
+                f"expected {tensor.dtype} {tuple(tensor.shape)}"
+            )
+        if other.is_floating_point() and not bool(torch.isfinite(other).all()):
+            raise InvalidInput(f"{who}: tensor {name!r} holds NaN or infinite values")
+
+
+class WeightedMean:
+    """A running sample-weighted mean of state dicts, holding one sum however many are added.
+
+    Floating tensors are averaged (accumulated in float64 for stability, returned in their
+    own dtype). Other tensors (integer counters such as BatchNorm's ``num_batches_tracked``)
+    are taken from the update with the largest weight, the first on a tie.
+    """
+
+    def __init__(self) -> None:
+        self._sums: StateDict = {}
+        self._weight = 0
+        self._best_weight = 0
+        self._dtypes: dict[str, torch.dtype] = {}
+
+    @property
+    def count_weight(self) -> int:
+        """Total weight added so far."""
+        return self._weight
+
+    def add(self, state: Mapping[str, torch.Tensor], weight: int) -> None:
+        """Add one update with its sample count; ``state`` is not modified."""
+        if weight <= 0:
+            raise ValueError(f"weight must be positive, got {weight}")
+        take_others = weight > self._best_weight
+        for name, tensor in state.items():
+            if tensor.is_floating_point():
+                scaled = tensor.detach().to(torch.float64) * weight
+                if name in self._sums:
+                    self._sums[name].add_(scaled)
+                else:
+                    self._sums[name] = scaled
+                    self._dtypes[name] = tensor.dtype
+            elif take_others:
+                self._sums[name] = tensor.detach().clone()
+        self._best_weight = max(self._best_weight, weight)
+        self._weight += weight
+
+    def result(self) -> StateDict:
+        """The weighted mean of everything added."""
+        if self._weight == 0:
+            raise ValueError("no updates were added")
+        return {
+            name: (total / self._weight).to(self._dtypes[name]) if name in self._dtypes else total
+            for name, total in self._sums.items()
+        }
+
+
+def weighted_mean(updates: Sequence[tuple[Mapping[str, torch.Tensor], int]]) -> StateDict:
+    """The sample-weighted mean of ``(state dict, sample count)`` pairs (FedAvg)."""
+    mean = WeightedMean()
+    for state, weight in updates:
+        mean.add(state, weight)
+    return mean.result()
+
+
+def bundle(members: Sequence[Mapping[str, torch.Tensor]]) -> StateDict:
+    """Several models in one state dict (``member<i>.<name>``), for sending an ensemble."""
+    return {f"member{i}.{name}": t for i, state in enumerate(members) for name, t in state.items()}
+
+
+def unbundle(state: Mapping[str, torch.Tensor], members: int) -> list[StateDict]:
+    """Split a :func:`bundle` back into ``members`` models; InvalidInput if it is not one."""
+    if members == 1:
+        return [dict(state)]
+    out: list[StateDict] = [{} for _ in range(members)]
+    for key, tensor in state.items():
+        prefix, _, name = key.partition(".")
+        index = prefix.removeprefix("member")
+        if not prefix.startswith("member") or not index.isdigit() or int(index) >= members:
+            raise InvalidInput(
+                f"ensemble payload: tensor {key!r} is not 'member<i>.<name>' with i < {members}"
+            )
+        out[int(index)][name] = tensor
+    if any(not member for member in out):
+        raise InvalidInput(f"ensemble payload: some of the {members} members hold no tensors")
+    return out

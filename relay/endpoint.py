@@ -1,0 +1,101 @@
+"""An endpoint: one party's consume loop step, shared by sites and the aggregator.
+
+Receive → verify (dead-letter what is invalid, with its reason) → ack → handle. The ack comes
+before handling because handling means training, which can outlast the broker's consumer
+timeout; what was received is already on disk (chunks) or in hand. A handler never sees a
+malformed, forged, misaddressed or duplicate message.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+
+from relay.errors import InvalidInput
+from relay.messaging import Inbox, Outbox, Received
+from relay.topology import Topology
+from relay.transport import Delivery, Transport
+
+log = logging.getLogger(__name__)
+
+
+Action = Callable[[], None]
+"""Work a message asks for (training, aggregation), run after the message is acked."""
+
+
+class Endpoint(ABC):
+    """A site or the aggregator: consumes its own queue, publishes through an outbox."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        transport: Transport,
+        topology: Topology,
+        spool: Path,
+        queue: str | None = None,
+    ) -> None:
+        self.name = name
+        self.transport = transport
+        self.topology = topology
+        self.spool = spool
+        self.queue = queue or topology.queue_of(name)
+        self.inbox = Inbox(owner=name, spool=spool)
+        self.outbox = Outbox(transport, topology, sender=name)
+        self.rejected: list[str] = []
+
+    def poll(self, timeout: float = 0.0) -> bool:
+        """Take and process at most one delivery; True if there was one."""
+        delivery = self.transport.get(self.queue, timeout)
+        if delivery is None:
+            return False
+        self.process(delivery)
+        return True
+
+    def process(self, delivery: Delivery) -> None:
+        """Verify one delivery, ack it, then act on it once it completes a message."""
+        received: Received | None = None
+        try:
+            received = self.inbox.receive(delivery)
+            action = self.prepare(received) if received is not None else None
+        except InvalidInput as e:
+            self.refuse(delivery, str(e))
+            if received is not None and received.path is not None:
+                received.path.unlink(missing_ok=True)
+            return
+        self.transport.ack(delivery)
+        try:
+            if action is not None:
+                action()
+        finally:
+            if received is not None and received.path is not None:
+                received.path.unlink(missing_ok=True)
+
+    def refuse(self, delivery: Delivery, reason: str) -> None:
+        """Dead-letter a delivery with its reason and keep going."""
+        log.warning("%s dead-letters message %s: %s", self.name, delivery.message.message_id,
+                    reason)
+        self.rejected.append(reason)
+        self.transport.reject(
+            delivery, reason, dead_letter_exchange=self.topology.dead_letter_exchange
+        )
+
+    @abstractmethod
+    def prepare(self, received: Received) -> Action | None:
+        """Check and decode a complete message; return the work it asks for, done after the ack.
+
+        Raise InvalidInput for a message that must be dead-lettered; return None when there
+        is nothing to do.
+        """
+
+    def tick(self, now: float) -> float | None:
+        """Act on deadlines; return the next deadline (seconds since the epoch) or None."""
+        return None
+
+    def close(self) -> None:
+        """Close the connection and remove the spool's scratch files."""
+        self.transport.close()
+        shutil.rmtree(self.spool / "chunks", ignore_errors=True)

@@ -1,0 +1,205 @@
+"""Envelope schemas: the validated header of every message fedrelay sends.
+
+An envelope travels in front of its payload (see :mod:`relay.frame`). Each message kind has
+its own model; :func:`parse_envelope` picks it by ``kind`` and refuses unknown schema
+versions instead of guessing.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, model_validator
+
+from relay.errors import EnvelopeError
+from relay.jobspec import Algorithm, Frozen, Name
+from relay.validation import parse
+
+SCHEMA_VERSION = 1
+"""The only envelope schema this build reads and writes."""
+
+AGGREGATOR = "aggregator"
+"""The name the aggregator / coordinator uses as sender and recipient."""
+
+EVENTS = "events"
+"""Recipient of broadcast events (metrics, job state); routed as ``events.<kind>``."""
+
+DIGEST_PATTERN = r"^[0-9a-f]{64}$"
+
+Digest = Annotated[str, Field(pattern=DIGEST_PATTERN, description="sha256, lower-case hex")]
+Party = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+
+
+class Kind(StrEnum):
+    """What a message carries."""
+
+    JOB_SPEC = "job_spec"
+    MODEL = "model"
+    UPDATE = "update"
+    ENSEMBLE_MEMBER = "ensemble_member"
+    METRICS = "metrics"
+    CONTROL = "control"
+
+
+class Task(StrEnum):
+    """What a site is asked to do with a model it receives."""
+
+    TRAIN = "train"
+    EVALUATE = "evaluate"
+
+
+class Command(StrEnum):
+    """Control messages."""
+
+    JOB_DONE = "job_done"
+    JOB_FAILED = "job_failed"
+    CANCEL = "cancel"
+
+
+def new_message_id() -> str:
+    """A fresh message id (uuid4 hex)."""
+    return uuid.uuid4().hex
+
+
+class EnvelopeBase(Frozen):
+    """Fields every envelope has."""
+
+    schema_version: int = SCHEMA_VERSION
+    message_id: str = Field(default_factory=new_message_id, pattern=r"^[0-9a-f]{32}$")
+    job_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    algorithm: Algorithm
+    sender: Party
+    recipient: Party
+    round: int = Field(default=0, ge=0, description="FedAvg round or ring cycle")
+    hop: int = Field(default=0, ge=0, description="position on the ring within a cycle")
+    created_at: float = Field(default_factory=time.time, ge=0)
+    payload_digest: Digest
+    payload_size: int = Field(ge=0)
+    chunk_index: int = Field(default=0, ge=0)
+    chunk_count: int = Field(default=1, ge=1)
+    chunk_size: int = Field(default=0, ge=0, description="bytes per chunk but the last; 0 if one")
+    chunk_digest: Digest | None = None
+    signature: str | None = None
+
+    @model_validator(mode="after")
+    def _chunks_consistent(self) -> EnvelopeBase:
+        if self.chunk_index >= self.chunk_count:
+            raise ValueError(
+                f"chunk_index {self.chunk_index} must be below chunk_count {self.chunk_count}"
+            )
+        if self.chunk_count > 1:
+            if self.chunk_size <= 0 or self.chunk_digest is None:
+                raise ValueError("a chunked envelope needs chunk_size > 0 and a chunk_digest")
+            needed = -(-self.payload_size // self.chunk_size)
+            if needed != self.chunk_count:
+                raise ValueError(
+                    f"chunk_count {self.chunk_count} does not fit payload_size "
+                    f"{self.payload_size} in chunks of {self.chunk_size} (needs {needed})"
+                )
+        return self
+
+    @property
+    def is_chunked(self) -> bool:
+        """True when the payload is split over several messages."""
+        return self.chunk_count > 1
+
+
+class JobSpecEnvelope(EnvelopeBase):
+    """Carries a job spec (payload: the spec as JSON)."""
+
+    kind: Literal[Kind.JOB_SPEC] = Kind.JOB_SPEC
+
+
+class ModelEnvelope(EnvelopeBase):
+    """A model sent to a site: the FedAvg global model, or the ring token (payload: tensors)."""
+
+    kind: Literal[Kind.MODEL] = Kind.MODEL
+    task: Task = Task.TRAIN
+    members: int = Field(default=1, ge=1, description="ensemble members in the payload")
+
+
+class UpdateEnvelope(EnvelopeBase):
+    """A site's locally trained model for a FedAvg round (payload: tensors)."""
+
+    kind: Literal[Kind.UPDATE] = Kind.UPDATE
+    sample_count: int = Field(ge=1, description="training cases behind this update")
+    metrics: dict[str, float] = Field(default_factory=dict, max_length=64)
+
+
+class EnsembleMemberEnvelope(EnvelopeBase):
+    """A site's own model offered as an ensemble member (payload: tensors)."""
+
+    kind: Literal[Kind.ENSEMBLE_MEMBER] = Kind.ENSEMBLE_MEMBER
+    sample_count: int = Field(ge=1)
+    metrics: dict[str, float] = Field(default_factory=dict, max_length=64)
+
+
+class MetricsEnvelope(EnvelopeBase):
+    """Measurements from a site (payload empty): ``stage`` says which model they describe."""
+
+    kind: Literal[Kind.METRICS] = Kind.METRICS
+    stage: Literal["received", "trained", "final"]
+    sample_count: int = Field(default=0, ge=0, description="validation cases measured")
+    metrics: dict[str, float] = Field(max_length=64)
+
+
+class ControlEnvelope(EnvelopeBase):
+    """Job life cycle (payload empty)."""
+
+    kind: Literal[Kind.CONTROL] = Kind.CONTROL
+    command: Command
+    reason: str = Field(default="", max_length=4096)
+
+
+Envelope = (
+    JobSpecEnvelope
+    | ModelEnvelope
+    | UpdateEnvelope
+    | EnsembleMemberEnvelope
+    | MetricsEnvelope
+    | ControlEnvelope
+)
+"""Any envelope; validated by :func:`parse_envelope`."""
+
+_BY_KIND: dict[str, type[Envelope]] = {
+    Kind.JOB_SPEC: JobSpecEnvelope,
+    Kind.MODEL: ModelEnvelope,
+    Kind.UPDATE: UpdateEnvelope,
+    Kind.ENSEMBLE_MEMBER: EnsembleMemberEnvelope,
+    Kind.METRICS: MetricsEnvelope,
+    Kind.CONTROL: ControlEnvelope,
+}
+
+
+def parse_envelope(data: Any) -> Envelope:
+    """Validate a decoded envelope header; raise EnvelopeError naming each bad field.
+
+    The schema version and kind are checked first so that a newer or foreign sender gets one
+    clear refusal instead of a list of confusing field errors.
+    """
+    if not isinstance(data, dict):
+        raise EnvelopeError(
+            f"envelope: expected a map of fields, got {type(data).__name__}; "
+            "the sender is not speaking fedrelay's wire format"
+        )
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise EnvelopeError(
+            f"envelope.schema_version: got {version!r}; this node reads only version "
+            f"{SCHEMA_VERSION}. Upgrade the node or the sender so both speak the same version"
+        )
+    kind = data.get("kind")
+    schema = _BY_KIND.get(kind) if isinstance(kind, str) else None
+    if schema is None:
+        raise EnvelopeError(
+            f"envelope.kind: got {kind!r}; expected one of {', '.join(map(str, Kind))}"
+        )
+    return parse(schema, data, what="envelope")
+
+
+def to_wire(envelope: EnvelopeBase) -> dict[str, Any]:
+    """The envelope as plain msgpack-able data."""
+    return envelope.model_dump(mode="json")

@@ -1,0 +1,184 @@
+"""Sending and receiving whole envelopes over a transport: chunking, checks, dedup, accounting.
+
+:class:`Outbox` cuts a payload into chunks and publishes each with confirm. :class:`Inbox`
+turns deliveries back into complete, verified envelopes: it refuses anything malformed,
+forged (``user_id`` ≠ sender) or misaddressed, reassembles chunks on disk, verifies digests
+and drops duplicates, so a receiver handles each logical message once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import mmap
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from relay.chunking import Reassembler, split
+from relay.codec import digest
+from relay.envelope import Envelope, EnvelopeBase
+from relay.errors import ChunkError, EnvelopeError
+from relay.frame import decode_frame, message_of
+from relay.topology import Topology, routing_key
+from relay.transport import Delivery, Transport
+
+log = logging.getLogger(__name__)
+
+E = TypeVar("E", bound=EnvelopeBase)
+
+
+@dataclass
+class Traffic:
+    """What one party has published: messages and body bytes, by message kind."""
+
+    messages: Counter[str] = field(default_factory=Counter)
+    bytes: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def total_bytes(self) -> int:
+        """All body bytes published."""
+        return sum(self.bytes.values())
+
+
+class Outbox:
+    """Publishes envelopes for one sender, chunking payloads above the job's chunk size."""
+
+    def __init__(self, transport: Transport, topology: Topology, *, sender: str) -> None:
+        self.transport = transport
+        self.topology = topology
+        self.sender = sender
+        self.traffic = Traffic()
+
+    def send(
+        self,
+        make: Callable[..., E],
+        payload: bytes | bytearray | memoryview = b"",
+        *,
+        chunk_size: int,
+        **fields: Any,
+    ) -> E:
+        """Build the envelope with ``make(**fields, <payload fields>)`` and publish it.
+
+        Returns the first chunk's envelope (all chunks share its message id). Each chunk is
+        confirmed by the broker before the next is published.
+        """
+        chunks = split(payload, chunk_size)
+        whole = digest(payload)
+        size = len(memoryview(payload).cast("B"))
+        first: E | None = None
+        message_id = fields.pop("message_id", None)
+        for index, chunk in enumerate(chunks):
+            chunked = len(chunks) > 1
+            envelope = make(
+                **fields,
+                **({"message_id": message_id} if message_id else {}),
+                sender=self.sender,
+                payload_digest=whole,
+                payload_size=size,
+                chunk_index=index,
+                chunk_count=len(chunks),
+                chunk_size=chunk_size if chunked else 0,
+                chunk_digest=hashlib.sha256(chunk).hexdigest() if chunked else None,
+            )
+            message_id = envelope.message_id
+            message = message_of(envelope, chunk)
+            self.transport.publish(
+                routing_key(envelope.recipient, str(envelope.kind)),
+                message,
+                exchange=self.topology.exchange,
+            )
+            self.traffic.messages[str(envelope.kind)] += 1
+            self.traffic.bytes[str(envelope.kind)] += len(message.body)
+            first = first or envelope
+        assert first is not None  # split() always yields at least one chunk
+        return first
+
+
+@dataclass(frozen=True)
+class Received:
+    """A complete, verified logical message."""
+
+    envelope: Envelope
+    payload: memoryview | mmap.mmap
+    path: Path | None = None
+    """The spooled payload file of a chunked message, deleted once handled."""
+
+
+def _dedup_key(envelope: Envelope) -> tuple[object, ...]:
+    task = getattr(envelope, "task", None)
+    stage = getattr(envelope, "stage", None)
+    return (
+        envelope.job_id,
+        envelope.kind,
+        envelope.round,
+        envelope.hop,
+        envelope.sender,
+        envelope.payload_digest,
+        task,
+        stage,
+    )
+
+
+class Inbox:
+    """Turns deliveries addressed to ``owner`` into complete, verified, first-time messages."""
+
+    def __init__(self, *, owner: str, spool: Path) -> None:
+        self.owner = owner
+        self.reassembler = Reassembler(spool / "chunks")
+        self._seen: set[tuple[object, ...]] = set()
+
+    def receive(self, delivery: Delivery) -> Received | None:
+        """Check one delivery; None while chunks are missing or when it is a duplicate.
+
+        Raises InvalidInput (EnvelopeError, CodecError, ChunkError) for a message that must be
+        dead-lettered; the error's text is the reason.
+        """
+        envelope, data = decode_frame(delivery.message.body)
+        user_id = delivery.message.user_id
+        if user_id != envelope.sender:
+            raise EnvelopeError(
+                f"envelope.sender {envelope.sender!r} differs from the broker user_id "
+                f"{user_id!r}; a party may only send as itself"
+            )
+        if envelope.recipient != self.owner:
+            raise EnvelopeError(
+                f"envelope.recipient is {envelope.recipient!r} but this is {self.owner!r}'s "
+                "queue; the sender routed it wrongly"
+            )
+        if _dedup_key(envelope) in self._seen:
+            log.info("duplicate %s from %s ignored", envelope.kind, envelope.sender)
+            return None
+        if envelope.is_chunked:
+            path = self.reassembler.add(envelope, data)
+            if path is None:
+                return None
+            received = Received(envelope, _map(path), path)
+        else:
+            _verify_whole(envelope, data)
+            received = Received(envelope, data)
+        self._seen.add(_dedup_key(envelope))
+        return received
+
+
+def _verify_whole(envelope: Envelope, data: memoryview) -> None:
+    if len(data) != envelope.payload_size:
+        raise ChunkError(
+            f"message {envelope.message_id}: payload holds {len(data)} bytes, "
+            f"header says {envelope.payload_size}"
+        )
+    actual = digest(data)
+    if actual != envelope.payload_digest:
+        raise ChunkError(
+            f"message {envelope.message_id}: payload sha256 {actual[:12]}… differs from the "
+            f"header's {envelope.payload_digest[:12]}…; it was corrupted or tampered with"
+        )
+
+
+def _map(path: Path) -> mmap.mmap:
+    # A private, copy-on-write mapping: tensors decoded from it are writable without copying
+    # the file into memory up front, and writes never reach the spool file.
+    with path.open("rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)

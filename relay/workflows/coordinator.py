@@ -1,0 +1,295 @@
+"""The aggregator side of every workflow: starts jobs, fans updates in, finishes jobs.
+
+- FedAvg: broadcast the global model, fold site updates into a running sample-weighted mean
+  as they arrive, close the round when every site has reported (or, past the round's
+  deadline, when at least the quorum has), repeat. Late updates are recorded, never mixed
+  into a later round.
+- Ensemble: every site trains its own model; the members fan in and the ensemble predicts by
+  averaging their probabilities.
+- SWT / CWT: the coordinator only sends the token to the first site and receives the final
+  model from the last; sites route the ring themselves (:mod:`relay.workflows.ring`).
+
+Every workflow ends the same way: the final model (or ensemble) goes to every site to be
+evaluated on its validation data, and the job is done when the sites' metrics are in.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+from relay.aggregation import WeightedMean, bundle, check_compatible
+from relay.codec import StateDict, decode, encode
+from relay.endpoint import Action, Endpoint
+from relay.envelope import (
+    AGGREGATOR,
+    EVENTS,
+    Command,
+    ControlEnvelope,
+    EnsembleMemberEnvelope,
+    Envelope,
+    JobSpecEnvelope,
+    MetricsEnvelope,
+    ModelEnvelope,
+    Task,
+    UpdateEnvelope,
+)
+from relay.errors import ConfigError, EnvelopeError
+from relay.jobspec import Algorithm, JobSpec
+from relay.messaging import Received
+from relay.topology import Topology
+from relay.transport import Transport
+
+log = logging.getLogger(__name__)
+
+
+class Status(StrEnum):
+    """Where a job is in its life."""
+
+    RUNNING = "running"
+    EVALUATING = "evaluating"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass
+class RoundRecord:
+    """One closed FedAvg round (or the ensemble's fan-in)."""
+
+    round: int
+    contributors: dict[str, int]
+    missing: list[str]
+    closed_by: str
+    seconds: float
+
+
+@dataclass
+class JobState:
+    """Everything the coordinator knows about one job."""
+
+    spec: JobSpec
+    reference: StateDict
+    status: Status = Status.RUNNING
+    reason: str = ""
+    round: int = 0
+    started: float = field(default_factory=time.time)
+    round_started: float = field(default_factory=time.time)
+    deadline: float | None = None
+    mean: WeightedMean = field(default_factory=WeightedMean)
+    contributors: dict[str, int] = field(default_factory=dict)
+    members: dict[str, StateDict] = field(default_factory=dict)
+    final: list[StateDict] = field(default_factory=list)
+    final_sites: list[str] = field(default_factory=list)
+    final_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    final_counts: dict[str, int] = field(default_factory=dict)
+    rounds: list[RoundRecord] = field(default_factory=list)
+    late: list[str] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        """Done or failed."""
+        return self.status in (Status.DONE, Status.FAILED)
+
+
+class Coordinator(Endpoint):
+    """The aggregator process's logic, for all four workflows."""
+
+    def __init__(
+        self,
+        *,
+        transport: Transport,
+        topology: Topology,
+        spool: Path,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(name=AGGREGATOR, transport=transport, topology=topology, spool=spool)
+        self.clock = clock
+        self.jobs: dict[str, JobState] = {}
+
+    # -- starting --------------------------------------------------------------------------
+
+    def submit(self, spec: JobSpec, initial: StateDict) -> JobState:
+        """Send the job spec to every site and start the workflow with ``initial`` weights."""
+        if spec.federation != self.topology.federation:
+            raise ConfigError(
+                f"job.federation is {spec.federation!r} but this aggregator serves "
+                f"{self.topology.federation!r}"
+            )
+        unknown = sorted(set(spec.sites) - set(self.topology.sites))
+        if unknown:
+            raise ConfigError(
+                f"job.sites: {unknown} are not in federation {spec.federation!r} "
+                f"(sites: {list(self.topology.sites)})"
+            )
+        if spec.job_id in self.jobs:
+            raise ConfigError(f"job {spec.job_id} was already submitted")
+        now = self.clock()
+        job = JobState(spec, {k: v.detach().clone() for k, v in initial.items()}, started=now)
+        self.jobs[spec.job_id] = job
+        spec_json = spec.model_dump_json().encode()
+        for site in spec.sites:
+            self._send(job, JobSpecEnvelope, spec_json, recipient=site)
+        payload = encode(job.reference)
+        if spec.algorithm.is_ring:
+            self._send(job, ModelEnvelope, payload, recipient=spec.sites[0], round=0, hop=0)
+        else:
+            self._open_round(job, 0, payload)
+        return job
+
+    def _send(self, job: JobState, make: Callable[..., Envelope], payload: bytes | bytearray,
+              **fields: object) -> None:
+        self.outbox.send(
+            make,
+            payload,
+            chunk_size=job.spec.chunk_size,
+            job_id=job.spec.job_id,
+            algorithm=job.spec.algorithm,
+            **fields,
+        )
+
+    def _open_round(self, job: JobState, round: int, payload: bytes | bytearray) -> None:
+        now = self.clock()
+        job.round = round
+        job.round_started = now
+        job.mean = WeightedMean()
+        job.contributors = {}
+        budget = job.spec.rounds if job.spec.algorithm is Algorithm.ENSEMBLE else 1
+        job.deadline = now + job.spec.round_timeout_s * budget
+        for site in job.spec.sites:
+            self._send(job, ModelEnvelope, payload, recipient=site, round=round)
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def _job(self, envelope: Envelope) -> JobState:
+        job = self.jobs.get(envelope.job_id)
+        if job is None:
+            raise EnvelopeError(
+                f"envelope.job_id: {envelope.job_id!r} is not a job this aggregator runs"
+            )
+        if envelope.sender not in job.spec.sites:
+            raise EnvelopeError(
+                f"envelope.sender: {envelope.sender!r} is not a site of job {envelope.job_id}"
+            )
+        return job
+
+    def _weights(self, job: JobState, received: Received) -> StateDict:
+        state = decode(received.payload)
+        check_compatible(job.reference, state, who=f"model from {received.envelope.sender!r}")
+        return state
+
+    def prepare(self, received: Received) -> Action | None:
+        """Check an update, member, final token or final metrics; return what to do with it."""
+        envelope = received.envelope
+        job = self._job(envelope)
+        algorithm = job.spec.algorithm
+        if isinstance(envelope, UpdateEnvelope | EnsembleMemberEnvelope):
+            wanted = Algorithm.FEDAVG if isinstance(envelope, UpdateEnvelope) else Algorithm.ENSEMBLE
+            if algorithm is not wanted:
+                raise EnvelopeError(
+                    f"envelope.kind: {envelope.kind} does not belong to a {algorithm} job"
+                )
+            if (
+                job.status is not Status.RUNNING
+                or envelope.round != job.round
+                or envelope.sender in job.contributors
+            ):
+                note = (f"{envelope.kind} from {envelope.sender} for round {envelope.round} "
+                        f"arrived while job was {job.status} in round {job.round}; not used")
+                return lambda: self._record_late(job, note)
+            state = self._weights(job, received)
+            return lambda: self._contribute(job, envelope.sender, state, envelope.sample_count)
+        if isinstance(envelope, ModelEnvelope):
+            last = job.spec.sites[-1]
+            if not algorithm.is_ring or envelope.sender != last or job.status is not Status.RUNNING:
+                raise EnvelopeError(
+                    f"envelope: a final model is only accepted from the ring's last site "
+                    f"({last!r}) of a running swt/cwt job; got one from {envelope.sender!r}"
+                )
+            state = self._weights(job, received)
+            return lambda: self._evaluate(job, [state], [envelope.sender])
+        if isinstance(envelope, MetricsEnvelope) and envelope.stage == "final":
+            if job.status is not Status.EVALUATING:
+                raise EnvelopeError(f"final metrics for job {job.spec.job_id}, which is {job.status}")
+            return lambda: self._record_final(job, envelope)
+        raise EnvelopeError(f"envelope.kind: the aggregator does not accept {envelope.kind} here")
+
+    def _record_late(self, job: JobState, note: str) -> None:
+        log.warning("job %s: %s", job.spec.job_id, note)
+        job.late.append(note)
+
+    def _contribute(self, job: JobState, site: str, state: StateDict, samples: int) -> None:
+        job.contributors[site] = samples
+        if job.spec.algorithm is Algorithm.FEDAVG:
+            job.mean.add(state, samples)
+        else:
+            job.members[site] = state
+        if len(job.contributors) == len(job.spec.sites):
+            self._close_round(job, "all sites")
+
+    def _close_round(self, job: JobState, closed_by: str) -> None:
+        missing = [s for s in job.spec.sites if s not in job.contributors]
+        job.rounds.append(
+            RoundRecord(job.round, dict(job.contributors), missing, closed_by,
+                        self.clock() - job.round_started)
+        )
+        if job.spec.algorithm is Algorithm.ENSEMBLE:
+            sites = [s for s in job.spec.sites if s in job.members]
+            self._evaluate(job, [job.members[s] for s in sites], sites)
+            return
+        job.reference = job.mean.result()
+        if job.round + 1 < job.spec.rounds:
+            self._open_round(job, job.round + 1, encode(job.reference))
+        else:
+            self._evaluate(job, [job.reference], list(job.contributors))
+
+    def _evaluate(self, job: JobState, models: list[StateDict], sites: list[str]) -> None:
+        job.status = Status.EVALUATING
+        job.final, job.final_sites = models, sites
+        job.deadline = self.clock() + job.spec.round_timeout_s
+        payload = encode(bundle(models) if len(models) > 1 else models[0])
+        for site in job.spec.sites:
+            self._send(job, ModelEnvelope, payload, recipient=site, round=job.spec.rounds,
+                       task=Task.EVALUATE, members=len(models))
+
+    def _record_final(self, job: JobState, envelope: MetricsEnvelope) -> None:
+        job.final_metrics[envelope.sender] = dict(envelope.metrics)
+        job.final_counts[envelope.sender] = envelope.sample_count
+        if len(job.final_metrics) == len(job.spec.sites):
+            self._finish(job, Status.DONE, "")
+
+    def _finish(self, job: JobState, status: Status, reason: str) -> None:
+        job.status, job.reason, job.deadline = status, reason, None
+        command = Command.JOB_DONE if status is Status.DONE else Command.JOB_FAILED
+        if reason:
+            log.error("job %s failed: %s", job.spec.job_id, reason)
+        self._send(job, ControlEnvelope, b"", recipient=EVENTS, command=command, reason=reason,
+                   round=job.round)
+
+    # -- deadlines -------------------------------------------------------------------------
+
+    def tick(self, now: float) -> float | None:
+        """Close rounds whose deadline passed (with quorum), or fail them (without)."""
+        for job in self.jobs.values():
+            if job.deadline is None or now < job.deadline:
+                continue
+            if job.status is Status.EVALUATING:
+                missing = [s for s in job.spec.sites if s not in job.final_metrics]
+                job.late.append(f"final metrics missing from {missing} at the deadline")
+                self._finish(job, Status.DONE, "")
+            elif len(job.contributors) >= job.spec.quorum:
+                self._close_round(job, "deadline with quorum")
+            else:
+                self._finish(
+                    job,
+                    Status.FAILED,
+                    f"round {job.round}: {len(job.contributors)} of the {job.spec.quorum} "
+                    f"site updates needed arrived within {job.spec.round_timeout_s:g} s "
+                    f"(from {sorted(job.contributors)}); check the missing sites or lower "
+                    "min_sites",
+                )
+        deadlines = [j.deadline for j in self.jobs.values() if j.deadline is not None]
+        return min(deadlines) if deadlines else None

@@ -1,0 +1,142 @@
+"""Chunking: reassembly in any order; loss, duplication, mix-ups and corruption detected."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from relay.chunking import Reassembler, split
+from relay.codec import digest
+from relay.envelope import ModelEnvelope
+from relay.errors import ChunkError
+
+CHUNK = 1000
+
+
+def chunked(payload: bytes, chunk_size: int = CHUNK) -> list[tuple[ModelEnvelope, memoryview]]:
+    parts = split(payload, chunk_size)
+    first = None
+    out = []
+    for i, part in enumerate(parts):
+        envelope = ModelEnvelope(
+            job_id="job",
+            algorithm="cwt",
+            sender="site-1",
+            recipient="site-2",
+            payload_digest=digest(payload),
+            payload_size=len(payload),
+            chunk_index=i,
+            chunk_count=len(parts),
+            chunk_size=chunk_size,
+            chunk_digest=hashlib.sha256(part).hexdigest(),
+            **({"message_id": first} if first else {}),
+        )
+        first = envelope.message_id
+        out.append((envelope, part))
+    return out
+
+
+@pytest.fixture
+def payload() -> bytes:
+    return os.urandom(4 * CHUNK + 123)
+
+
+def test_split_cuts_views_without_copying(payload: bytes) -> None:
+    parts = split(payload, CHUNK)
+    assert [len(p) for p in parts] == [CHUNK] * 4 + [123]
+    assert b"".join(parts) == payload
+    assert split(b"small", CHUNK)[0].tobytes() == b"small"
+
+
+def test_chunks_in_any_order_reassemble_to_the_verified_payload(tmp_path: Path, payload: bytes) -> None:
+    chunks = chunked(payload)
+    reassembler = Reassembler(tmp_path)
+    order = [3, 0, 4, 2, 1]
+    results = [reassembler.add(*chunks[i]) for i in order]
+    assert results[:-1] == [None] * 4
+    complete = results[-1]
+    assert complete is not None and complete.read_bytes() == payload
+    assert reassembler.pending() == {}
+
+
+def test_missing_chunks_are_reported_by_index(tmp_path: Path, payload: bytes) -> None:
+    chunks = chunked(payload)
+    reassembler = Reassembler(tmp_path)
+    for i in (0, 2, 4):
+        assert reassembler.add(*chunks[i]) is None
+    message_id = chunks[0][0].message_id
+    assert reassembler.pending() == {message_id: [1, 3]}
+
+
+def test_exact_duplicate_chunk_is_a_no_op(tmp_path: Path, payload: bytes) -> None:
+    chunks = chunked(payload)
+    reassembler = Reassembler(tmp_path)
+    assert reassembler.add(*chunks[0]) is None
+    assert reassembler.add(*chunks[0]) is None
+    assert reassembler.missing(chunks[0][0].message_id) == [1, 2, 3, 4]
+
+
+def test_different_chunk_under_a_used_index_is_refused(tmp_path: Path, payload: bytes) -> None:
+    chunks = chunked(payload)
+    reassembler = Reassembler(tmp_path)
+    reassembler.add(*chunks[0])
+    envelope, _ = chunks[0]
+    other = bytes(CHUNK)
+    forged = envelope.model_copy(update={"chunk_digest": hashlib.sha256(other).hexdigest()})
+    with pytest.raises(ChunkError, match="different chunk with this index"):
+        reassembler.add(forged, memoryview(other))
+
+
+def test_corrupted_chunk_is_refused(tmp_path: Path, payload: bytes) -> None:
+    envelope, part = chunked(payload)[1]
+    damaged = bytearray(part)
+    damaged[10] ^= 0xFF
+    with pytest.raises(ChunkError, match="chunk 2/5 .* corrupt"):
+        Reassembler(tmp_path).add(envelope, memoryview(damaged))
+
+
+def test_chunk_of_wrong_length_is_refused(tmp_path: Path, payload: bytes) -> None:
+    envelope, part = chunked(payload)[0]
+    with pytest.raises(ChunkError, match="holds 999 bytes, expected 1000"):
+        Reassembler(tmp_path).add(envelope, part[:-1])
+
+
+def test_consistently_forged_chunk_is_caught_by_the_whole_payload_digest(
+    tmp_path: Path, payload: bytes
+) -> None:
+    chunks = chunked(payload)
+    reassembler = Reassembler(tmp_path)
+    for chunk in chunks[:-1]:
+        reassembler.add(*chunk)
+    envelope, part = chunks[-1]
+    swapped = bytes(len(part))  # same length, its own matching chunk digest
+    forged = envelope.model_copy(update={"chunk_digest": hashlib.sha256(swapped).hexdigest()})
+    with pytest.raises(ChunkError, match="reassembled payload"):
+        reassembler.add(forged, memoryview(swapped))
+    assert reassembler.pending() == {}
+    assert not list(tmp_path.iterdir()), "a failed transfer leaves nothing behind"
+
+
+def test_chunks_of_two_payloads_under_one_id_are_refused(tmp_path: Path, payload: bytes) -> None:
+    chunks = chunked(payload)
+    reassembler = Reassembler(tmp_path)
+    reassembler.add(*chunks[0])
+    envelope, part = chunks[1]
+    other = envelope.model_copy(update={"payload_digest": "0" * 64})
+    with pytest.raises(ChunkError, match="two payloads share one message id"):
+        reassembler.add(other, part)
+
+
+def test_a_restarted_receiver_keeps_the_chunks_it_had(tmp_path: Path, payload: bytes) -> None:
+    chunks = chunked(payload)
+    first = Reassembler(tmp_path)
+    for chunk in chunks[:3]:
+        first.add(*chunk)
+    second = Reassembler(tmp_path)
+    assert second.missing(chunks[0][0].message_id) == [3, 4]
+    second.add(*chunks[3])
+    complete = second.add(*chunks[4])
+    assert complete is not None and complete.read_bytes() == payload

@@ -1,0 +1,117 @@
+"""Transport semantics, the same on every transport: routing, refusals, acks, dead letters."""
+
+from __future__ import annotations
+
+import pytest
+
+from relay.errors import AccessRefused, MessageTooLarge, Unroutable
+from relay.topology import DELIVERY_LIMIT, REASON_HEADER, Topology, topic_matches
+from relay.transport import Message
+
+from tests.conftest import Connect
+
+
+def message(user: str | None, body: bytes = b"hello", message_id: str = "m1") -> Message:
+    return Message(body=body, type="model", message_id=message_id, correlation_id="job",
+                   user_id=user, headers={"round": 1})
+
+
+@pytest.mark.parametrize(
+    ("pattern", "key", "matches"),
+    [
+        ("site.a", "site.a", True),
+        ("site.*", "site.a", True),
+        ("site.*", "site.a.b", False),
+        ("events.#", "events", True),
+        ("events.#", "events.metrics.x", True),
+        ("#", "anything.at.all", True),
+        ("site.a", "site.b", False),
+    ],
+)
+def test_topic_matching_follows_rabbitmq(pattern: str, key: str, matches: bool) -> None:
+    assert topic_matches(pattern, key) is matches
+
+
+def test_message_reaches_only_the_addressed_site(connect: Connect, topology: Topology) -> None:
+    aggregator = connect("aggregator")
+    aggregator.declare(topology)
+    aggregator.publish("site.site-2", message("aggregator"), exchange=topology.exchange)
+    site2, site1 = connect("site-2"), connect("site-1")
+    assert site1.get(topology.site_queue("site-1")) is None
+    delivery = site2.get(topology.site_queue("site-2"), timeout=1)
+    assert delivery is not None
+    assert delivery.message.body == b"hello"
+    assert delivery.message.headers["round"] == 1
+    assert not delivery.redelivered
+    site2.ack(delivery)
+    assert site2.get(topology.site_queue("site-2")) is None
+
+
+def test_events_fan_into_the_events_queue(connect: Connect, topology: Topology) -> None:
+    site = connect("site-1")
+    site.declare(topology)
+    site.publish("events.metrics", message("site-1"), exchange=topology.exchange)
+    delivery = connect("events").get(topology.events_queue, timeout=1)
+    assert delivery is not None and delivery.message.type == "model"
+
+
+def test_unroutable_publish_is_refused(connect: Connect, topology: Topology) -> None:
+    site = connect("site-1")
+    site.declare(topology)
+    with pytest.raises(Unroutable, match="site.nobody"):
+        site.publish("site.nobody", message("site-1"), exchange=topology.exchange)
+
+
+def test_publishing_as_another_user_is_refused(connect: Connect, topology: Topology) -> None:
+    site = connect("site-1")
+    site.declare(topology)
+    with pytest.raises(AccessRefused, match="site-2"):
+        site.publish("aggregator", message("site-2"), exchange=topology.exchange)
+
+
+def test_oversize_message_is_refused(connect: Connect, topology: Topology) -> None:
+    site = connect("site-1")
+    site.declare(topology)
+    with pytest.raises(MessageTooLarge, match="chunk_size"):
+        site.publish("aggregator", message("site-1", bytes(2 * 1024 * 1024)),
+                     exchange=topology.exchange)
+
+
+def test_rejected_message_is_dead_lettered_with_its_reason(connect: Connect, topology: Topology) -> None:
+    aggregator = connect("aggregator")
+    aggregator.declare(topology)
+    aggregator.publish("site.site-1", message("aggregator"), exchange=topology.exchange)
+    site = connect("site-1")
+    delivery = site.get(topology.site_queue("site-1"), timeout=1)
+    assert delivery is not None
+    site.reject(delivery, "envelope.round: bad", dead_letter_exchange=topology.dead_letter_exchange)
+    dead = connect("operator").get(topology.dead_queue, timeout=1)
+    assert dead is not None
+    assert dead.message.headers[REASON_HEADER] == "envelope.round: bad"
+    assert dead.message.body == b"hello"
+
+
+def test_closing_returns_unacked_messages_marked_redelivered(connect: Connect, topology: Topology) -> None:
+    aggregator = connect("aggregator")
+    aggregator.declare(topology)
+    aggregator.publish("site.site-1", message("aggregator"), exchange=topology.exchange)
+    first = connect("site-1")
+    assert first.get(topology.site_queue("site-1"), timeout=1) is not None
+    first.close()
+    again = connect("site-1").get(topology.site_queue("site-1"), timeout=1)
+    assert again is not None and again.redelivered
+
+
+def test_requeued_past_the_delivery_limit_is_dead_lettered(connect: Connect, topology: Topology) -> None:
+    aggregator = connect("aggregator")
+    aggregator.declare(topology)
+    aggregator.publish("site.site-1", message("aggregator"), exchange=topology.exchange)
+    site = connect("site-1")
+    for _ in range(DELIVERY_LIMIT + 1):
+        delivery = site.get(topology.site_queue("site-1"), timeout=1)
+        assert delivery is not None
+        site.requeue(delivery)
+    assert site.get(topology.site_queue("site-1")) is None
+    dead = connect("operator").get(topology.dead_queue, timeout=1)
+    assert dead is not None
+    assert "delivery limit" in dead.message.headers[REASON_HEADER]
