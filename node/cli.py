@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 from pydantic import ValidationError
@@ -12,12 +15,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from node.simulate import MODEL_FILE, RESULTS_FILE, SimulationConfig, SimulationResult, simulate
 from relay.envelope import Envelope, MetricsEnvelope
 from relay.errors import FedrelayError
 from relay.jobspec import Algorithm
 from relay.validation import describe
 
-from node.simulate import MODEL_FILE, RESULTS_FILE, SimulationConfig, SimulationResult, simulate
+F = TypeVar("F", bound=Callable[..., Any])
 
 REGIONS = (("dice_wt", "WT"), ("dice_tc", "TC"), ("dice_et", "ET"), ("dice_mean", "mean"))
 
@@ -31,37 +35,51 @@ def main(verbose: int) -> None:
 
 
 def _training_steps(config: SimulationConfig) -> int:
-    return config.rounds * config.sites
+    return config.job().rounds * config.sites
+
+
+def _option(name: str, help: str, **kwargs: Any) -> Callable[[F], F]:
+    """A ``simulate`` option whose default comes from SimulationConfig, so they never drift."""
+    field = kwargs.pop("field", name.removeprefix("--").replace("-", "_"))
+    default = SimulationConfig.model_fields[field].default
+    if isinstance(default, Enum):
+        default = default.value
+    if "type" not in kwargs:
+        kwargs["type"] = type(default)
+    return click.option(
+        name, field, default=default, show_default=default is not None, help=help, **kwargs
+    )
 
 
 @main.command("simulate")
-@click.option("--algorithm", type=click.Choice([a.value for a in Algorithm]), default="fedavg",
-              show_default=True, help="How the model travels.")
-@click.option("--sites", type=int, default=3, show_default=True, help="Number of sites.")
-@click.option("--rounds", type=int, default=5, show_default=True,
-              help="FedAvg rounds, CWT cycles, or ensemble training passes (1 for swt).")
-@click.option("--local-epochs", type=int, default=1, show_default=True,
-              help="Epochs each site trains per round or hop.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Fixes data, model, order.")
-@click.option("--output", type=click.Path(path_type=Path), default=Path("runs/simulate"),
-              show_default=True, help="Folder for results.json and the final model.")
-@click.option("--model", type=click.Choice(["unet", "segresnet"]), default="unet",
-              show_default=True, help="Network from the node's registry.")
-@click.option("--width", type=int, default=8, show_default=True,
-              help="Channels of the network's first level.")
-@click.option("--depth", type=int, default=4, show_default=True, help="Resolution levels.")
-@click.option("--volume-size", type=int, default=32, show_default=True,
-              help="Phantom volumes are this many voxels per side.")
-@click.option("--cases-per-site", type=int, default=10, show_default=True,
-              help="Phantom cases per site (varies ±20%% between sites).")
-@click.option("--batch-size", type=int, default=2, show_default=True)
-@click.option("--learning-rate", type=float, default=3e-3, show_default=True)
-@click.option("--min-sites", type=int, default=None,
-              help="FedAvg quorum once a round's deadline passes [default: every site].")
-@click.option("--round-timeout", "round_timeout_s", type=float, default=3600.0,
-              show_default=True, help="Seconds a round waits for updates.")
-@click.option("--chunk-size", type=int, default=8 * 1024 * 1024, show_default=True,
-              help="Payloads larger than this travel as chunks (bytes).")
+@_option("--algorithm", "How the model travels.", type=click.Choice([a.value for a in Algorithm]))
+@_option("--sites", "Number of sites (site-1, site-2, ...), each with its own data.")
+@_option(
+    "--rounds",
+    "FedAvg rounds, CWT cycles, or ensemble training passes  [default: 10; 1 for swt]",
+    type=int,
+)
+@_option("--local-epochs", "Epochs a site trains per round or ring visit.")
+@_option("--seed", "Fixes the data, the initial model and the training order.")
+@click.option(
+    "--output",
+    type=click.Path(path_type=Path),
+    default=Path("runs/simulate"),
+    show_default=True,
+    help="Folder for results.json and model.safetensors.",
+)
+@_option("--model", "Network from the node's registry.", type=click.Choice(["unet", "segresnet"]))
+@_option("--width", "Channels of the network's first level.")
+@_option("--depth", "Resolution levels of the network.")
+@_option("--volume-size", "Phantom volumes are this many voxels per side.")
+@_option("--cases-per-site", "Phantom cases per site (varies ±20% between sites).")
+@_option("--batch-size", "Cases per training step.")
+@_option("--learning-rate", "Adam's learning rate at each site.")
+@_option(
+    "--min-sites", "FedAvg quorum once a round's deadline passes  [default: every site]", type=int
+)
+@_option("--round-timeout", "Seconds a round waits for site updates.", field="round_timeout_s")
+@_option("--chunk-size", "Payloads larger than this many bytes travel as chunks.")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json instead of a table.")
 def simulate_command(output: Path, as_json: bool, **options: object) -> None:
     """Simulate a federation in this process, on generated brain-tumour data."""
@@ -87,7 +105,8 @@ def simulate_command(output: Path, as_json: bool, **options: object) -> None:
             if isinstance(envelope, MetricsEnvelope) and envelope.stage == "trained":
                 dice = envelope.metrics.get("dice_mean", 0.0)
                 progress.update(
-                    task, advance=1,
+                    task,
+                    advance=1,
                     last=f"{envelope.sender} r{envelope.round} h{envelope.hop} dice {dice:.3f}",
                 )
 
@@ -113,13 +132,20 @@ def _print_table(result: SimulationResult, output: Path, console: Console) -> No
         table.add_column(region, justify="right")
     table.add_column("untrained mean", justify="right")
     for site, metrics in result.final.items():
-        table.add_row(site, str(result.data[site].validation_cases),
-                      *(f"{metrics.get(key, 0.0):.3f}" for key, _ in REGIONS),
-                      f"{result.initial[site]['dice_mean']:.3f}")
+        table.add_row(
+            site,
+            str(result.data[site].validation_cases),
+            *(f"{metrics.get(key, 0.0):.3f}" for key, _ in REGIONS),
+            f"{result.initial[site]['dice_mean']:.3f}",
+        )
     overall = result.final_overall
-    table.add_row("[bold]all sites", str(sum(d.validation_cases for d in result.data.values())),
-                  *(f"[bold]{overall.get(key, 0.0):.3f}" for key, _ in REGIONS),
-                  f"{result.initial_overall.get('dice_mean', 0.0):.3f}", end_section=True)
+    table.add_row(
+        "[bold]all sites",
+        str(sum(d.validation_cases for d in result.data.values())),
+        *(f"[bold]{overall.get(key, 0.0):.3f}" for key, _ in REGIONS),
+        f"{result.initial_overall.get('dice_mean', 0.0):.3f}",
+        end_section=True,
+    )
     console.print(table)
     moved = result.bytes_moved.total_bytes / 1e6
     console.print(
@@ -127,8 +153,10 @@ def _print_table(result: SimulationResult, output: Path, console: Console) -> No
         f"Results: {output / RESULTS_FILE}; model: {output / MODEL_FILE}"
     )
     if result.dead_letters:
-        console.print(f"[yellow]{len(result.dead_letters)} message(s) dead-lettered:[/] "
-                      + "; ".join(result.dead_letters[:3]))
+        console.print(
+            f"[yellow]{len(result.dead_letters)} message(s) dead-lettered:[/] "
+            + "; ".join(result.dead_letters[:3])
+        )
 
 
 if __name__ == "__main__":

@@ -12,11 +12,12 @@ import json
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import save_file
 
 from node.models import initial_weights
@@ -26,6 +27,7 @@ from node.trainer import SegmentationTrainer
 from relay.aggregation import bundle
 from relay.chunking import file_digest
 from relay.codec import StateDict
+from relay.endpoint import Endpoint
 from relay.envelope import AGGREGATOR, EVENTS, Envelope
 from relay.errors import JobFailed
 from relay.jobspec import Algorithm, JobSpec, ModelSpec, TrainingSpec
@@ -46,8 +48,8 @@ class SimulationConfig(BaseModel):
 
     algorithm: Algorithm = Algorithm.FEDAVG
     sites: int = Field(default=3, ge=1, le=64)
-    rounds: int = Field(default=5, ge=1)
-    local_epochs: int = Field(default=1, ge=1)
+    rounds: int | None = Field(default=None, ge=1, description="None: 1 for swt, else 10")
+    local_epochs: int = Field(default=2, ge=1)
     seed: int = Field(default=0, ge=0)
     model: Literal["unet", "segresnet"] = "unet"
     width: int = Field(default=8, ge=1, le=64)
@@ -55,7 +57,7 @@ class SimulationConfig(BaseModel):
     volume_size: int = Field(default=32, ge=16, le=128)
     cases_per_site: int = Field(default=10, ge=4, le=500)
     batch_size: int = Field(default=2, ge=1)
-    learning_rate: float = Field(default=3e-3, gt=0)
+    learning_rate: float = Field(default=1e-2, gt=0)
     chunk_size: int = Field(default=8 * 1024 * 1024, ge=1024)
     min_sites: int | None = Field(default=None, ge=1)
     round_timeout_s: float = Field(default=3600.0, gt=0)
@@ -64,13 +66,19 @@ class SimulationConfig(BaseModel):
         """site-1, site-2, …"""
         return tuple(f"site-{i + 1}" for i in range(self.sites))
 
+    @model_validator(mode="after")
+    def _valid_job(self) -> SimulationConfig:
+        self.job()  # a setting the job spec refuses is refused here, before any work starts
+        return self
+
     def job(self) -> JobSpec:
         """The job spec this simulation submits."""
+        rounds = self.rounds or (1 if self.algorithm is Algorithm.SWT else 10)
         return JobSpec(
             federation="sim",
             algorithm=self.algorithm,
             sites=self.site_names(),
-            rounds=self.rounds,
+            rounds=rounds,
             min_sites=self.min_sites,
             round_timeout_s=self.round_timeout_s,
             chunk_size=self.chunk_size,
@@ -145,25 +153,115 @@ class SimulationResult(BaseModel):
     members: list[str]
 
 
-def weighted_overall(per_site: dict[str, dict[str, float]], counts: dict[str, int]) -> dict[str, float]:
+def weighted_overall(
+    per_site: dict[str, dict[str, float]], counts: dict[str, int]
+) -> dict[str, float]:
     """Each metric averaged over sites, weighted by their validation cases."""
     total = sum(counts[s] for s in per_site)
     keys = sorted({k for metrics in per_site.values() for k in metrics})
     if total == 0:
         return {}
-    return {
-        k: sum(per_site[s].get(k, 0.0) * counts[s] for s in per_site) / total for k in keys
-    }
+    return {k: sum(per_site[s].get(k, 0.0) * counts[s] for s in per_site) / total for k in keys}
 
 
-def _site_data(config: SimulationConfig) -> list[tuple[str, SiteProfile, torch.Tensor, torch.Tensor]]:
+def _site_data(
+    config: SimulationConfig,
+) -> list[tuple[str, SiteProfile, torch.Tensor, torch.Tensor]]:
     profiles = site_profiles(config.sites, seed=config.seed, cases_per_site=config.cases_per_site)
     out = []
     for i, (name, profile) in enumerate(zip(config.site_names(), profiles, strict=True)):
-        images, labels = generate_cases(profile, size=config.volume_size,
-                                        seed=config.seed * 1000 + i)
+        images, labels = generate_cases(
+            profile, size=config.volume_size, seed=config.seed * 1000 + i
+        )
         out.append((name, profile, images, labels))
     return out
+
+
+@dataclass
+class Federation:
+    """An in-process federation: one broker, the aggregator, the sites and a monitor."""
+
+    broker: MemoryBroker
+    topology: Topology
+    coordinator: Coordinator
+    sites: list[SiteNode]
+    monitor: Monitor
+    data: dict[str, SiteData]
+
+    @classmethod
+    def build(
+        cls,
+        config: SimulationConfig,
+        spool: Path,
+        *,
+        on_event: Callable[[Envelope], None] | None = None,
+    ) -> Federation:
+        """Generate every site's data and connect every party to a fresh in-memory broker."""
+        job = config.job()
+        topology = Topology(job.federation, job.sites)
+        broker = MemoryBroker()
+        coordinator = Coordinator(
+            transport=MemoryTransport(broker, user=AGGREGATOR),
+            topology=topology,
+            spool=spool / AGGREGATOR,
+        )
+        coordinator.transport.declare(topology)
+        monitor = Monitor(
+            transport=MemoryTransport(broker, user=EVENTS),
+            topology=topology,
+            spool=spool / EVENTS,
+            on_event=on_event,
+        )
+        sites: list[SiteNode] = []
+        data: dict[str, SiteData] = {}
+        for name, profile, images, labels in _site_data(config):
+            algo = SegmentationTrainer(
+                model=job.model,
+                training=job.training,
+                images=images,
+                labels=labels,
+                seed=config.seed,
+            )
+            sites.append(
+                SiteNode(
+                    name=name,
+                    algo=algo,
+                    transport=MemoryTransport(broker, user=name),
+                    topology=topology,
+                    spool=spool / name,
+                )
+            )
+            data[name] = SiteData(
+                train_cases=algo.train_count,
+                validation_cases=algo.validation_count,
+                contrast=profile.contrast,
+                bias=profile.bias,
+                noise=profile.noise,
+                lesion_scale=profile.lesion_scale,
+            )
+        return cls(broker, topology, coordinator, sites, monitor, data)
+
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        """Every party, in the order the loop serves them."""
+        return [self.coordinator, *self.sites, self.monitor]
+
+    def run(self, job: JobSpec, *, absent: frozenset[str] = frozenset()) -> JobState:
+        """Submit ``job`` and serve every party but the ``absent`` sites until it ends."""
+        state = self.coordinator.submit(job, initial_weights(job.model, seed=job.seed))
+        present = [e for e in self.endpoints if e.name not in absent]
+        try:
+            run_until(present, lambda: state.finished)
+            while self.monitor.poll():  # the last events, published as the job finished
+                pass
+        except JobFailed as e:
+            state.status, state.reason = Status.FAILED, str(e)
+        return state
+
+    def close(self) -> None:
+        """Close every connection."""
+        for endpoint in self.endpoints:
+            endpoint.close()
 
 
 def simulate(
@@ -176,43 +274,38 @@ def simulate(
     started = time.perf_counter()
     output.mkdir(parents=True, exist_ok=True)
     job = config.job()
-    topology = Topology(job.federation, job.sites)
-    broker = MemoryBroker()
     with tempfile.TemporaryDirectory(prefix="fedrelay-sim-") as scratch:
-        spool = Path(scratch)
-        coordinator = Coordinator(
-            transport=MemoryTransport(broker, user=AGGREGATOR), topology=topology,
-            spool=spool / AGGREGATOR,
-        )
-        coordinator.transport.declare(topology)
-        monitor = Monitor(transport=MemoryTransport(broker, user=EVENTS), topology=topology,
-                          spool=spool / EVENTS, on_event=on_event)
-        sites: list[SiteNode] = []
-        data: dict[str, SiteData] = {}
-        for name, profile, images, labels in _site_data(config):
-            algo = SegmentationTrainer(model=job.model, training=job.training, images=images,
-                                       labels=labels, seed=config.seed)
-            sites.append(SiteNode(name=name, algo=algo, transport=MemoryTransport(broker, user=name),
-                                  topology=topology, spool=spool / name))
-            data[name] = SiteData(train_cases=algo.train_count,
-                                  validation_cases=algo.validation_count,
-                                  contrast=profile.contrast, bias=profile.bias,
-                                  noise=profile.noise, lesion_scale=profile.lesion_scale)
+        federation = Federation.build(config, Path(scratch), on_event=on_event)
         initial = initial_weights(job.model, seed=job.seed)
-        initial_scores = {s.name: s.algo.evaluate([initial]).as_dict() for s in sites}
-        state = coordinator.submit(job, initial)
-        endpoints = [coordinator, *sites, monitor]
+        initial_scores = {s.name: s.algo.evaluate([initial]).as_dict() for s in federation.sites}
         try:
-            run_until(endpoints, lambda: state.finished)
-            while monitor.poll():  # the last events, published as the job finished
-                pass
-        except JobFailed as e:
-            state.status, state.reason = Status.FAILED, str(e)
+            state = federation.run(job)
         finally:
-            for endpoint in endpoints:
-                endpoint.close()
+            federation.close()
+    return _write_results(
+        output=output,
+        federation=federation,
+        state=state,
+        initial_scores=initial_scores,
+        started=started,
+    )
+
+
+def _write_results(
+    *,
+    output: Path,
+    federation: Federation,
+    state: JobState,
+    initial_scores: dict[str, dict[str, float]],
+    started: float,
+) -> SimulationResult:
+    job = state.spec
+    data = federation.data
     counts = {name: d.validation_cases for name, d in data.items()}
-    model_file, model_digest = _save_model(state, output) if state.status is Status.DONE else (None, None)
+    model_file, model_digest = (
+        _save_model(state, output) if state.status is Status.DONE else (None, None)
+    )
+    endpoints = federation.endpoints
     traffic = [e.outbox.traffic for e in endpoints]
     result = SimulationResult(
         status=str(state.status),
@@ -223,8 +316,10 @@ def simulate(
         final=state.final_metrics,
         initial_overall=weighted_overall(initial_scores, counts),
         final_overall=weighted_overall(state.final_metrics, counts),
-        history=[MetricsRow(site=m.site, stage=m.stage, round=m.round, hop=m.hop, metrics=m.metrics)
-                 for m in monitor.metrics],
+        history=[
+            MetricsRow(site=m.site, stage=m.stage, round=m.round, hop=m.hop, metrics=m.metrics)
+            for m in federation.monitor.metrics
+        ],
         rounds=[RoundRow(**vars(r)) for r in state.rounds],
         late=state.late,
         dead_letters=[reason for e in endpoints for reason in e.rejected],

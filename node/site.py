@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from node.models import initial_weights
+from node.trainer import SiteAlgo
 from relay.aggregation import check_compatible, unbundle
 from relay.codec import StateDict, decode, encode
 from relay.endpoint import Action, Endpoint
@@ -33,9 +35,6 @@ from relay.topology import Topology
 from relay.transport import Transport
 from relay.validation import parse_json
 from relay.workflows.ring import expected_hop, next_stop
-
-from node.models import initial_weights
-from node.trainer import SiteAlgo
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +125,13 @@ class SiteNode(Endpoint):
         self._references.pop(job_id, None)
 
     def _metrics(
-        self, job: JobSpec, stage: str, metrics: dict[str, float], *, round: int, hop: int,
+        self,
+        job: JobSpec,
+        stage: str,
+        metrics: dict[str, float],
+        *,
+        round: int,
+        hop: int,
         recipient: str = EVENTS,
     ) -> None:
         self.outbox.send(
@@ -142,14 +147,27 @@ class SiteNode(Endpoint):
             metrics=metrics,
         )
 
-    def _evaluate_final(self, job: JobSpec, envelope: ModelEnvelope, members: list[StateDict]) -> None:
+    def _evaluate_final(
+        self, job: JobSpec, envelope: ModelEnvelope, members: list[StateDict]
+    ) -> None:
         dice = self.algo.evaluate(members)
-        self._metrics(job, "final", dice.as_dict(), round=envelope.round, hop=envelope.hop,
-                      recipient=AGGREGATOR)
+        # The final evaluation is the last thing a job asks of a site.
+        self.algo.finalize(job.job_id)
+        self._forget(job.job_id)
+        self._metrics(
+            job,
+            "final",
+            dice.as_dict(),
+            round=envelope.round,
+            hop=envelope.hop,
+            recipient=AGGREGATOR,
+        )
 
     def _train(self, job: JobSpec, envelope: ModelEnvelope, weights: StateDict) -> None:
         round, hop = envelope.round, envelope.hop
-        self._metrics(job, "received", self.algo.evaluate([weights]).as_dict(), round=round, hop=hop)
+        self._metrics(
+            job, "received", self.algo.evaluate([weights]).as_dict(), round=round, hop=hop
+        )
         passes = job.rounds if job.algorithm is Algorithm.ENSEMBLE else 1
         for step in range(passes):
             at = step if job.algorithm is Algorithm.ENSEMBLE else round
@@ -160,16 +178,41 @@ class SiteNode(Endpoint):
             trained = self.algo.evaluate([weights]).as_dict() | {"loss": result.loss}
             self._metrics(job, "trained", trained, round=at, hop=hop)
         payload = encode(weights)
-        common = {"chunk_size": job.chunk_size, "job_id": job.job_id, "algorithm": job.algorithm}
         if job.algorithm is Algorithm.FEDAVG:
-            self.outbox.send(UpdateEnvelope, payload, **common, recipient=AGGREGATOR, round=round,
-                             sample_count=result.sample_count, metrics=trained)
+            self.outbox.send(
+                UpdateEnvelope,
+                payload,
+                chunk_size=job.chunk_size,
+                job_id=job.job_id,
+                algorithm=job.algorithm,
+                recipient=AGGREGATOR,
+                round=round,
+                sample_count=result.sample_count,
+                metrics=trained,
+            )
         elif job.algorithm is Algorithm.ENSEMBLE:
-            self.outbox.send(EnsembleMemberEnvelope, payload, **common, recipient=AGGREGATOR,
-                             sample_count=result.sample_count, metrics=trained)
+            self.outbox.send(
+                EnsembleMemberEnvelope,
+                payload,
+                chunk_size=job.chunk_size,
+                job_id=job.job_id,
+                algorithm=job.algorithm,
+                recipient=AGGREGATOR,
+                sample_count=result.sample_count,
+                metrics=trained,
+            )
         else:
             stop = next_stop(job, self.name, round=round)
-            self.outbox.send(ModelEnvelope, payload, **common, recipient=stop.recipient,
-                             round=stop.round, hop=stop.hop)
-        log.info("site %s: %s round %d hop %d trained and sent", self.name, job.algorithm,
-                 round, hop)
+            self.outbox.send(
+                ModelEnvelope,
+                payload,
+                chunk_size=job.chunk_size,
+                job_id=job.job_id,
+                algorithm=job.algorithm,
+                recipient=stop.recipient,
+                round=stop.round,
+                hop=stop.hop,
+            )
+        log.info(
+            "site %s: %s round %d hop %d trained and sent", self.name, job.algorithm, round, hop
+        )

@@ -15,7 +15,9 @@ from relay.codec import StateDict
 from relay.errors import InvalidInput
 
 
-def check_compatible(reference: Mapping[str, torch.Tensor], candidate: StateDict, *, who: str) -> None:
+def check_compatible(
+    reference: Mapping[str, torch.Tensor], candidate: StateDict, *, who: str
+) -> None:
     """Raise InvalidInput unless ``candidate`` has exactly the reference's names, shapes, dtypes."""
     missing = sorted(set(reference) - set(candidate))
     extra = sorted(set(candidate) - set(reference))

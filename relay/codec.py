@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import mmap
 import struct
 import warnings
 from collections.abc import Mapping
@@ -27,6 +28,9 @@ from pydantic import Field
 from relay.errors import CodecError, EnvelopeError
 from relay.jobspec import Frozen
 from relay.validation import parse
+
+Buffer = bytes | bytearray | memoryview | mmap.mmap
+"""Anything a payload can be read from; a spooled payload is an mmap."""
 
 StateDict = dict[str, torch.Tensor]
 """A model's weights by parameter name."""
@@ -140,7 +144,7 @@ class _Reader:
         return chunk
 
 
-def read_head(buffer: bytes | bytearray | memoryview, *, what: str) -> tuple[object, memoryview]:
+def read_head(buffer: Buffer, *, what: str) -> tuple[object, memoryview]:
     """Split ``msgpack object + bin32`` into the decoded object and a view of the bin's bytes.
 
     Raises CodecError when the buffer is not exactly that, naming ``what`` it was meant to be.
@@ -152,7 +156,9 @@ def read_head(buffer: bytes | bytearray | memoryview, *, what: str) -> tuple[obj
     try:
         head = unpacker.unpack()
     except (msgpack.OutOfData, msgpack.UnpackException, ValueError, TypeError) as e:
-        raise CodecError(f"{what}: the header is not valid msgpack ({e})") from e
+        raise CodecError(
+            f"{what}: the header is not valid msgpack ({type(e).__name__}: {e})"
+        ) from e
     start = unpacker.tell()
     if len(view) < start + 5 or view[start] != _BIN32:
         raise CodecError(f"{what}: expected a bin32 body after the header at byte {start}")
@@ -165,7 +171,7 @@ def read_head(buffer: bytes | bytearray | memoryview, *, what: str) -> tuple[obj
     return head, view[start + 5 :]
 
 
-def decode(buffer: bytes | bytearray | memoryview) -> StateDict:
+def decode(buffer: Buffer) -> StateDict:
     """Decode a payload made by :func:`encode`.
 
     Tensors share memory with ``buffer`` when it is writable (bytearray, mmap); a read-only
@@ -182,7 +188,8 @@ def decode(buffer: bytes | bytearray | memoryview) -> StateDict:
         dtype = DTYPES.get(dtype_name)
         if dtype is None:
             raise CodecError(
-                f"tensor {name!r}: unknown dtype {dtype_name!r}; expected one of {', '.join(DTYPES)}"
+                f"tensor {name!r}: unknown dtype {dtype_name!r}; "
+                f"expected one of {', '.join(DTYPES)}"
             )
         if name in state:
             raise CodecError(f"tensor {name!r} appears twice in the payload")

@@ -60,7 +60,10 @@ class Endpoint(ABC):
         received: Received | None = None
         try:
             received = self.inbox.receive(delivery)
-            action = self.prepare(received) if received is not None else None
+            action = None
+            if received is not None:
+                action = self.prepare(received)
+                self.inbox.remember(received)
         except InvalidInput as e:
             self.refuse(delivery, str(e))
             if received is not None and received.path is not None:
@@ -76,8 +79,9 @@ class Endpoint(ABC):
 
     def refuse(self, delivery: Delivery, reason: str) -> None:
         """Dead-letter a delivery with its reason and keep going."""
-        log.warning("%s dead-letters message %s: %s", self.name, delivery.message.message_id,
-                    reason)
+        log.warning(
+            "%s dead-letters message %s: %s", self.name, delivery.message.message_id, reason
+        )
         self.rejected.append(reason)
         self.transport.reject(
             delivery, reason, dead_letter_exchange=self.topology.dead_letter_exchange

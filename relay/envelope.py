@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, model_validator
 
 from relay.errors import EnvelopeError
-from relay.jobspec import Algorithm, Frozen, Name
+from relay.jobspec import Algorithm, Frozen
 from relay.validation import parse
 
 SCHEMA_VERSION = 1
@@ -67,6 +67,7 @@ def new_message_id() -> str:
 class EnvelopeBase(Frozen):
     """Fields every envelope has."""
 
+    kind: Kind
     schema_version: int = SCHEMA_VERSION
     message_id: str = Field(default_factory=new_message_id, pattern=r"^[0-9a-f]{32}$")
     job_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")

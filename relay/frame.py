@@ -42,7 +42,7 @@ def headers_of(envelope: EnvelopeBase) -> dict[str, Any]:
     }
 
 
-def message_of(envelope: Envelope, payload: bytes | bytearray | memoryview) -> Message:
+def message_of(envelope: EnvelopeBase, payload: bytes | bytearray | memoryview) -> Message:
     """The broker message carrying ``envelope`` and its payload (or one chunk of it)."""
     suffix = f".{envelope.chunk_index}" if envelope.is_chunked else ""
     return Message(

@@ -67,7 +67,7 @@ class TrainingSpec(Frozen):
 
 
 class JobSpec(Frozen):
-    """A federated job. ``rounds`` means FedAvg rounds, CWT cycles, or ensemble/SWT training passes."""
+    """A federated job. ``rounds``: FedAvg rounds, CWT cycles, or ensemble/SWT training passes."""
 
     schema_version: Literal[1] = 1
     job_id: str = Field(default_factory=lambda: uuid.uuid4().hex, pattern=r"^[A-Za-z0-9_-]{1,64}$")
@@ -90,7 +90,9 @@ class JobSpec(Frozen):
             dup = sorted({s for s in self.sites if self.sites.count(s) > 1})
             raise ValueError(f"each site once in 'sites'; repeated: {dup}")
         if self.algorithm is Algorithm.SWT and self.rounds != 1:
-            raise ValueError("'rounds' = 1 for swt (one pass round the ring); use cwt for more")
+            raise ValueError(
+                "'rounds' must be 1 for swt (one pass round the ring); use cwt for more"
+            )
         if self.min_sites is not None and self.min_sites > len(self.sites):
             raise ValueError(
                 f"'min_sites' = {self.min_sites} is more than the {len(self.sites)} sites"

@@ -159,8 +159,11 @@ class Inbox:
         else:
             _verify_whole(envelope, data)
             received = Received(envelope, data)
-        self._seen.add(_dedup_key(envelope))
         return received
+
+    def remember(self, received: Received) -> None:
+        """Mark a message as handled, so that a redelivery or copy of it is dropped."""
+        self._seen.add(_dedup_key(received.envelope))
 
 
 def _verify_whole(envelope: Envelope, data: memoryview) -> None:

@@ -58,8 +58,15 @@ class Monitor(Endpoint):
         envelope = received.envelope
         if isinstance(envelope, MetricsEnvelope):
             self.metrics.append(
-                MetricsEvent(envelope.job_id, envelope.sender, envelope.stage, envelope.round,
-                             envelope.hop, envelope.sample_count, dict(envelope.metrics))
+                MetricsEvent(
+                    envelope.job_id,
+                    envelope.sender,
+                    envelope.stage,
+                    envelope.round,
+                    envelope.hop,
+                    envelope.sample_count,
+                    dict(envelope.metrics),
+                )
             )
         elif isinstance(envelope, ControlEnvelope):
             self.control.append(envelope)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import functools
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
@@ -34,15 +33,20 @@ def describe(error: ValidationError, *, what: str) -> str:
     return "; ".join(lines)
 
 
-@functools.cache
-def _adapter(schema: type[M]) -> TypeAdapter[M]:
-    return TypeAdapter(schema)
+_ADAPTERS: dict[object, TypeAdapter[Any]] = {}
+
+
+def _adapter(schema: type[Any]) -> TypeAdapter[Any]:
+    adapter = _ADAPTERS.get(schema)
+    if adapter is None:
+        adapter = _ADAPTERS[schema] = TypeAdapter(schema)
+    return adapter
 
 
 def parse(schema: type[M], data: Any, *, what: str) -> M:
     """Validate ``data`` against a pydantic model; raise EnvelopeError naming each bad field."""
     try:
-        return _adapter(schema).validate_python(data)
+        return cast(M, _adapter(schema).validate_python(data))
     except ValidationError as e:
         raise EnvelopeError(describe(e, what=what)) from e
 

@@ -49,8 +49,9 @@ def test_incompatible_update_is_refused_with_the_tensor_named() -> None:
     with pytest.raises(InvalidInput, match=r"tensor 'w' is torch.float32 \(3, 2\)"):
         check_compatible(state(1.0), state(1.0) | {"w": torch.zeros(3, 2)}, who="site-1")
     with pytest.raises(InvalidInput, match=r"missing \['steps'\]"):
-        check_compatible(state(1.0), {k: v for k, v in state(1.0).items() if k != "steps"},
-                         who="site-1")
+        check_compatible(
+            state(1.0), {k: v for k, v in state(1.0).items() if k != "steps"}, who="site-1"
+        )
     with pytest.raises(InvalidInput, match="NaN"):
         check_compatible(state(1.0), state(float("nan")), who="site-1")
 

@@ -51,7 +51,9 @@ def test_split_cuts_views_without_copying(payload: bytes) -> None:
     assert split(b"small", CHUNK)[0].tobytes() == b"small"
 
 
-def test_chunks_in_any_order_reassemble_to_the_verified_payload(tmp_path: Path, payload: bytes) -> None:
+def test_chunks_in_any_order_reassemble_to_the_verified_payload(
+    tmp_path: Path, payload: bytes
+) -> None:
     chunks = chunked(payload)
     reassembler = Reassembler(tmp_path)
     order = [3, 0, 4, 2, 1]
@@ -94,7 +96,7 @@ def test_corrupted_chunk_is_refused(tmp_path: Path, payload: bytes) -> None:
     envelope, part = chunked(payload)[1]
     damaged = bytearray(part)
     damaged[10] ^= 0xFF
-    with pytest.raises(ChunkError, match="chunk 2/5 .* corrupt"):
+    with pytest.raises(ChunkError, match=r"chunk 2/5 .* corrupt"):
         Reassembler(tmp_path).add(envelope, memoryview(damaged))
 
 

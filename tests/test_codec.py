@@ -17,7 +17,9 @@ def sample(dtype: torch.dtype, shape: tuple[int, ...] = (3, 5)) -> torch.Tensor:
     if dtype.is_floating_point or dtype.is_complex:
         return torch.randn(shape, generator=gen, dtype=dtype)
     info = torch.iinfo(dtype)
-    return torch.randint(max(info.min, -1000), min(info.max, 1000), shape, generator=gen, dtype=dtype)
+    return torch.randint(
+        max(info.min, -1000), min(info.max, 1000), shape, generator=gen, dtype=dtype
+    )
 
 
 @pytest.mark.parametrize("name", sorted(DTYPES))
@@ -78,7 +80,7 @@ def test_unsupported_dtype_is_named_on_encode() -> None:
 
 
 def test_non_tensor_value_is_refused_on_encode() -> None:
-    with pytest.raises(CodecError, match="expected str -> torch.Tensor"):
+    with pytest.raises(CodecError, match=r"expected str -> torch\.Tensor"):
         encode({"x": [1, 2, 3]})  # type: ignore[dict-item]
 
 

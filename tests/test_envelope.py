@@ -16,8 +16,14 @@ from relay.jobspec import parse_job_spec
 def update() -> dict[str, Any]:
     return to_wire(
         UpdateEnvelope(
-            job_id="job-1", algorithm="fedavg", sender="site-1", recipient="aggregator",
-            round=2, payload_digest="a" * 64, payload_size=10, sample_count=12,
+            job_id="job-1",
+            algorithm="fedavg",
+            sender="site-1",
+            recipient="aggregator",
+            round=2,
+            payload_digest="a" * 64,
+            payload_size=10,
+            sample_count=12,
         )
     )
 
@@ -58,7 +64,7 @@ def test_each_schema_violation_names_its_field(change: dict[str, Any], message: 
 def test_missing_field_is_named() -> None:
     data = update()
     del data["payload_digest"]
-    with pytest.raises(EnvelopeError, match="envelope.payload_digest: missing; it is required"):
+    with pytest.raises(EnvelopeError, match=r"envelope\.payload_digest: missing; it is required"):
         parse_envelope(data)
 
 
@@ -80,14 +86,18 @@ def test_frame_without_payload_is_refused() -> None:
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ({"algorithm": "swt", "sites": ["a", "b"], "rounds": 3}, "'rounds' = 1 for swt"),
+        ({"algorithm": "swt", "sites": ["a", "b"], "rounds": 3}, "'rounds' must be 1 for swt"),
         ({"algorithm": "cwt", "sites": ["a", "a"]}, r"each site once.*\['a'\]"),
         ({"algorithm": "fedavg", "sites": ["a"], "min_sites": 2}, "'min_sites' = 2 is more than"),
         ({"algorithm": "fedavg", "sites": []}, "job.sites: .*at least 1 item"),
-        ({"algorithm": "fedavg", "sites": ["a"], "model": {"name": "resnet"}},
-         r"job.model.name: Input should be 'unet' or 'segresnet' \(got 'resnet'\)"),
-        ({"algorithm": "fedavg", "sites": ["a"], "training": {"local_epochs": 0}},
-         "job.training.local_epochs"),
+        (
+            {"algorithm": "fedavg", "sites": ["a"], "model": {"name": "resnet"}},
+            r"job.model.name: Input should be 'unet' or 'segresnet' \(got 'resnet'\)",
+        ),
+        (
+            {"algorithm": "fedavg", "sites": ["a"], "training": {"local_epochs": 0}},
+            "job.training.local_epochs",
+        ),
         ({"sites": ["a"]}, "job.algorithm: missing"),
     ],
 )

@@ -52,9 +52,7 @@ class MemoryBroker:
         with self._lock:
             for queue in topology.queues():
                 if queue not in self._queues:
-                    self._queues[queue] = _Queue(
-                        queue, topology.queue_arguments(queue), deque()
-                    )
+                    self._queues[queue] = _Queue(queue, topology.queue_arguments(queue), deque())
             self._bindings[topology.exchange] = topology.bindings()
             self._bindings[topology.dead_letter_exchange] = [(topology.dead_queue, "#")]
 

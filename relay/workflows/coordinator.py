@@ -140,8 +140,13 @@ class Coordinator(Endpoint):
             self._open_round(job, 0, payload)
         return job
 
-    def _send(self, job: JobState, make: Callable[..., Envelope], payload: bytes | bytearray,
-              **fields: object) -> None:
+    def _send(
+        self,
+        job: JobState,
+        make: Callable[..., Envelope],
+        payload: bytes | bytearray,
+        **fields: object,
+    ) -> None:
         self.outbox.send(
             make,
             payload,
@@ -187,7 +192,9 @@ class Coordinator(Endpoint):
         job = self._job(envelope)
         algorithm = job.spec.algorithm
         if isinstance(envelope, UpdateEnvelope | EnsembleMemberEnvelope):
-            wanted = Algorithm.FEDAVG if isinstance(envelope, UpdateEnvelope) else Algorithm.ENSEMBLE
+            wanted = (
+                Algorithm.FEDAVG if isinstance(envelope, UpdateEnvelope) else Algorithm.ENSEMBLE
+            )
             if algorithm is not wanted:
                 raise EnvelopeError(
                     f"envelope.kind: {envelope.kind} does not belong to a {algorithm} job"
@@ -197,8 +204,10 @@ class Coordinator(Endpoint):
                 or envelope.round != job.round
                 or envelope.sender in job.contributors
             ):
-                note = (f"{envelope.kind} from {envelope.sender} for round {envelope.round} "
-                        f"arrived while job was {job.status} in round {job.round}; not used")
+                note = (
+                    f"{envelope.kind} from {envelope.sender} for round {envelope.round} "
+                    f"arrived while job was {job.status} in round {job.round}; not used"
+                )
                 return lambda: self._record_late(job, note)
             state = self._weights(job, received)
             return lambda: self._contribute(job, envelope.sender, state, envelope.sample_count)
@@ -213,7 +222,9 @@ class Coordinator(Endpoint):
             return lambda: self._evaluate(job, [state], [envelope.sender])
         if isinstance(envelope, MetricsEnvelope) and envelope.stage == "final":
             if job.status is not Status.EVALUATING:
-                raise EnvelopeError(f"final metrics for job {job.spec.job_id}, which is {job.status}")
+                raise EnvelopeError(
+                    f"final metrics for job {job.spec.job_id}, which is {job.status}"
+                )
             return lambda: self._record_final(job, envelope)
         raise EnvelopeError(f"envelope.kind: the aggregator does not accept {envelope.kind} here")
 
@@ -233,8 +244,13 @@ class Coordinator(Endpoint):
     def _close_round(self, job: JobState, closed_by: str) -> None:
         missing = [s for s in job.spec.sites if s not in job.contributors]
         job.rounds.append(
-            RoundRecord(job.round, dict(job.contributors), missing, closed_by,
-                        self.clock() - job.round_started)
+            RoundRecord(
+                job.round,
+                dict(job.contributors),
+                missing,
+                closed_by,
+                self.clock() - job.round_started,
+            )
         )
         if job.spec.algorithm is Algorithm.ENSEMBLE:
             sites = [s for s in job.spec.sites if s in job.members]
@@ -252,8 +268,15 @@ class Coordinator(Endpoint):
         job.deadline = self.clock() + job.spec.round_timeout_s
         payload = encode(bundle(models) if len(models) > 1 else models[0])
         for site in job.spec.sites:
-            self._send(job, ModelEnvelope, payload, recipient=site, round=job.spec.rounds,
-                       task=Task.EVALUATE, members=len(models))
+            self._send(
+                job,
+                ModelEnvelope,
+                payload,
+                recipient=site,
+                round=job.spec.rounds,
+                task=Task.EVALUATE,
+                members=len(models),
+            )
 
     def _record_final(self, job: JobState, envelope: MetricsEnvelope) -> None:
         job.final_metrics[envelope.sender] = dict(envelope.metrics)
@@ -266,8 +289,15 @@ class Coordinator(Endpoint):
         command = Command.JOB_DONE if status is Status.DONE else Command.JOB_FAILED
         if reason:
             log.error("job %s failed: %s", job.spec.job_id, reason)
-        self._send(job, ControlEnvelope, b"", recipient=EVENTS, command=command, reason=reason,
-                   round=job.round)
+        self._send(
+            job,
+            ControlEnvelope,
+            b"",
+            recipient=EVENTS,
+            command=command,
+            reason=reason,
+            round=job.round,
+        )
 
     # -- deadlines -------------------------------------------------------------------------
 

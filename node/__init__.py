@@ -1,0 +1,1 @@
+"""fedrelay's site side: data, models, training."""

@@ -1,0 +1,103 @@
+"""``fedrelay simulate`` as a user runs it: progress, the table, results.json, the model file."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from relay.chunking import file_digest
+
+FEDRELAY = str(Path(sys.executable).parent / "fedrelay")
+TINY = [
+    "--sites",
+    "2",
+    "--cases-per-site",
+    "4",
+    "--volume-size",
+    "16",
+    "--width",
+    "4",
+    "--depth",
+    "3",
+    "--local-epochs",
+    "1",
+]
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [FEDRELAY, *args], capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def test_simulate_prints_the_dice_table_and_writes_results_and_model(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    done = run("simulate", "--algorithm", "fedavg", "--rounds", "2", *TINY, "--output", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "Dice on each site's validation cases: fedavg" in done.stdout
+    assert "all sites" in done.stdout and "site-2" in done.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "done"
+    assert results["job"]["algorithm"] == "fedavg" and results["job"]["rounds"] == 2
+    assert set(results["final"]) == {"site-1", "site-2"}
+    assert set(results["final_overall"]) == {"dice_wt", "dice_tc", "dice_et", "dice_mean"}
+    trained = [h for h in results["history"] if h["stage"] == "trained"]
+    assert [(h["round"], h["site"]) for h in trained] == [
+        (0, "site-1"),
+        (0, "site-2"),
+        (1, "site-1"),
+        (1, "site-2"),
+    ]
+    assert len(results["rounds"]) == 2
+    assert results["bytes_moved"]["total_bytes"] > 0
+    assert results["bytes_moved"]["messages_by_kind"]["update"] == 4
+    assert results["wall_time_s"] > 0
+    model = out / results["model_file"]
+    assert file_digest(model) == results["model_sha256"]
+    with safe_open(str(model), framework="pt") as f:
+        assert json.loads(f.metadata()["fedrelay_job"])["job_id"] == results["job"]["job_id"]
+        assert any(key.endswith("weight") for key in f.keys())  # noqa: SIM118
+
+
+def test_simulate_json_output_is_the_results_file(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    done = run(
+        "simulate",
+        "--algorithm",
+        "ensemble",
+        "--rounds",
+        "1",
+        *TINY,
+        "--output",
+        str(out),
+        "--json",
+    )
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout)
+    assert printed == json.loads((out / "results.json").read_text())
+    assert printed["members"] == ["site-1", "site-2"]
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert {k.split(".")[0] for k in f.keys()} == {"member0", "member1"}  # noqa: SIM118
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--sites", "0"], "--sites: Input should be greater than or equal to 1 (got 0)"),
+        (["--algorithm", "swt", "--rounds", "3"], "'rounds' must be 1 for swt"),
+        (["--min-sites", "5"], "'min_sites' = 5 is more than the 3 sites"),
+        (["--algorithm", "fedprox"], "'fedprox' is not one of"),
+    ],
+)
+def test_bad_options_fail_before_any_work_with_the_option_named(
+    args: list[str], message: str, tmp_path: Path
+) -> None:
+    done = run("simulate", *args, "--output", str(tmp_path / "never"))
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert not (tmp_path / "never").exists()

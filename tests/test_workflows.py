@@ -1,0 +1,224 @@
+"""The four workflows on the embedded federation: real messages, real (tiny) MONAI training."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from node.models import initial_weights
+from node.simulate import Federation, SimulationConfig
+from relay.codec import digest, encode
+from relay.envelope import ModelEnvelope, to_wire
+from relay.frame import encode_frame, headers_of
+from relay.jobspec import Algorithm
+from relay.runner import run_until
+from relay.topology import REASON_HEADER
+from relay.transport import Message
+from relay.transport.memory import MemoryTransport
+from relay.workflows.coordinator import Status
+
+TINY = {"cases_per_site": 5, "volume_size": 16, "width": 4, "depth": 3, "learning_rate": 1e-2}
+
+
+def config(algorithm: str, **overrides: object) -> SimulationConfig:
+    rounds = 1 if algorithm == "swt" else 3
+    settings = {"algorithm": algorithm, "rounds": rounds, "local_epochs": 2, **TINY}
+    return SimulationConfig.model_validate(settings | overrides)
+
+
+@pytest.fixture
+def build(tmp_path: Path) -> Iterator[type[Federation]]:
+    built: list[Federation] = []
+
+    class Tracked(Federation):
+        @classmethod
+        def build(
+            cls, config: SimulationConfig, spool: Path = tmp_path, **kw: object
+        ) -> Federation:  # type: ignore[override]
+            federation = Federation.build(config, spool)
+            built.append(federation)
+            return federation
+
+    yield Tracked
+    for federation in built:
+        federation.close()
+
+
+def mean_dice(per_site: dict[str, dict[str, float]]) -> float:
+    return sum(m["dice_mean"] for m in per_site.values()) / len(per_site)
+
+
+@pytest.mark.parametrize("algorithm", [a.value for a in Algorithm])
+def test_each_workflow_improves_dice_over_the_initial_model(
+    algorithm: str, build: type[Federation]
+) -> None:
+    cfg = config(algorithm)
+    federation = build.build(cfg)
+    job = cfg.job()
+    initial = mean_dice(
+        {s.name: s.algo.evaluate([s._reference(job)]).as_dict() for s in federation.sites}
+    )
+    state = federation.run(job)
+    assert state.status is Status.DONE, state.reason
+    assert set(state.final_metrics) == set(job.sites)
+    final = mean_dice(state.final_metrics)
+    assert final > initial + 0.15, (initial, final)
+    trained = [m for m in federation.monitor.metrics if m.stage == "trained"]
+    assert len(trained) == job.rounds * len(job.sites)
+    if algorithm == "ensemble":
+        assert len(state.final) == len(job.sites)
+    else:
+        assert len(state.final) == 1
+
+
+def test_ring_token_visits_sites_in_order_every_cycle(build: type[Federation]) -> None:
+    cfg = config("cwt", rounds=2, local_epochs=1)
+    federation = build.build(cfg)
+    state = federation.run(cfg.job())
+    assert state.status is Status.DONE, state.reason
+    visits = [(m.round, m.site) for m in federation.monitor.metrics if m.stage == "trained"]
+    sites = list(cfg.job().sites)
+    assert visits == [(r, s) for r in range(2) for s in sites]
+
+
+def publish_raw(
+    federation: Federation, user: str, site: str, body: bytes, kind: str = "model"
+) -> None:
+    transport = MemoryTransport(federation.broker, user=user)
+    transport.publish(
+        f"site.{site}",
+        Message(body=body, type=kind, message_id="bad", correlation_id="?", user_id=user),
+        exchange=federation.topology.exchange,
+    )
+    transport.close()
+
+
+def test_malformed_envelopes_are_dead_lettered_and_the_site_keeps_working(
+    build: type[Federation],
+) -> None:
+    cfg = config("fedavg", rounds=1, local_epochs=1)
+    federation = build.build(cfg)
+    job = cfg.job()
+    good = ModelEnvelope(
+        job_id=job.job_id,
+        algorithm="fedavg",
+        sender="aggregator",
+        recipient="site-1",
+        payload_digest=digest(b""),
+        payload_size=0,
+    )
+    forged_sender = ModelEnvelope(
+        job_id=job.job_id,
+        algorithm="cwt",
+        sender="site-3",
+        recipient="site-1",
+        payload_digest=digest(b""),
+        payload_size=0,
+    )
+    bad_round = to_wire(good) | {"round": -4}
+    payload = encode({"w": __import__("torch").zeros(2)})
+    wrong_model = good.model_copy(
+        update={"payload_digest": digest(payload), "payload_size": len(payload)}
+    )
+    publish_raw(federation, "aggregator", "site-1", b"\xc1not msgpack at all")
+    publish_raw(
+        federation, "aggregator", "site-1", msgpack.packb(bad_round) + b"\xc6\x00\x00\x00\x00"
+    )
+    publish_raw(federation, "site-2", "site-1", encode_frame(forged_sender, b""))
+    publish_raw(federation, "aggregator", "site-1", encode_frame(good, b"tampered"))
+    # Queued ahead of the job spec: the site does not know the job yet.
+    publish_raw(federation, "aggregator", "site-1", encode_frame(wrong_model, payload))
+    state = federation.coordinator.submit(job, initial_weights(job.model, seed=job.seed))
+    # Queued behind the job spec: the job is known, but the model is not the job's.
+    publish_raw(federation, "aggregator", "site-1", encode_frame(wrong_model, payload))
+    run_until(federation.endpoints, lambda: state.finished)
+    assert state.status is Status.DONE, state.reason
+    dead = federation.broker.peek(federation.topology.dead_queue)
+    reasons = [m.headers[REASON_HEADER] for m in dead]
+    assert len(reasons) == 6, reasons
+    assert "header is not valid msgpack" in reasons[0]
+    assert "envelope.round: Input should be greater than or equal to 0 (got -4)" in reasons[1]
+    assert "differs from the broker user_id 'site-2'" in reasons[2]
+    assert "payload holds 8 bytes, header says 0" in reasons[3]
+    assert "is unknown to site 'site-1'; the job spec must arrive first" in reasons[4]
+    assert "do not match the job's model" in reasons[5]
+    assert all(
+        m.headers.get("x-first-death-queue") == federation.topology.site_queue("site-1")
+        for m in dead
+    )
+    assert headers_of(good)["sender"] == "aggregator"
+
+
+def test_fedavg_closes_a_round_with_quorum_when_a_site_is_absent(build: type[Federation]) -> None:
+    cfg = config("fedavg", rounds=2, local_epochs=1, min_sites=2, round_timeout_s=0.5)
+    federation = build.build(cfg)
+    state = federation.run(cfg.job(), absent=frozenset({"site-3"}))
+    assert state.status is Status.DONE, state.reason
+    assert [r.missing for r in state.rounds] == [["site-3"], ["site-3"]]
+    assert {r.closed_by for r in state.rounds} == {"deadline with quorum"}
+    assert set(state.final_metrics) == {"site-1", "site-2"}
+    assert any("site-3" in note for note in state.late)
+
+
+def test_fedavg_below_quorum_fails_with_a_clear_reason(build: type[Federation]) -> None:
+    cfg = config("fedavg", rounds=1, local_epochs=1, round_timeout_s=0.3)
+    federation = build.build(cfg)
+    state = federation.run(cfg.job(), absent=frozenset({"site-2", "site-3"}))
+    assert state.status is Status.FAILED
+    assert "round 0: 1 of the 3 site updates needed arrived within 0.3 s" in state.reason
+    assert "['site-1']" in state.reason
+
+
+def test_duplicated_messages_are_handled_once(build: type[Federation]) -> None:
+    cfg = config("fedavg", rounds=2, local_epochs=1)
+    federation = build.build(cfg)
+    job = cfg.job()
+    transport = federation.coordinator.transport
+    original = transport.publish
+
+    def publish_twice(routing_key: str, message: Message, *, exchange: str) -> None:
+        original(routing_key, message, exchange=exchange)
+        original(routing_key, message, exchange=exchange)
+
+    transport.publish = publish_twice  # type: ignore[method-assign]
+    state = federation.run(job)
+    assert state.status is Status.DONE, state.reason
+    trained = [m for m in federation.monitor.metrics if m.stage == "trained"]
+    assert len(trained) == job.rounds * len(job.sites)
+    assert not any(e.rejected for e in federation.endpoints)
+
+
+def test_a_late_update_is_recorded_and_not_mixed_in(build: type[Federation]) -> None:
+    cfg = config("fedavg", rounds=1, local_epochs=1)
+    federation = build.build(cfg)
+    job = cfg.job()
+    state = federation.run(job)
+    assert state.status is Status.DONE
+    final = state.final[0]
+    site = federation.sites[0]
+    site.outbox.send(
+        __import__("relay.envelope", fromlist=["UpdateEnvelope"]).UpdateEnvelope,
+        encode(final),
+        chunk_size=job.chunk_size,
+        job_id=job.job_id,
+        algorithm=job.algorithm,
+        recipient="aggregator",
+        round=0,
+        sample_count=3,
+    )
+    federation.coordinator.poll()
+    assert len(state.late) == 1 and "not used" in state.late[0]
+    assert state.final[0] is final
+
+
+def test_large_models_travel_in_chunks_through_the_workflow(build: type[Federation]) -> None:
+    cfg = config("swt", chunk_size=4096, local_epochs=1)
+    federation = build.build(cfg)
+    state = federation.run(cfg.job())
+    assert state.status is Status.DONE, state.reason
+    logical = 1 + 3 + 3  # first hop, two more hops and the final token, three evaluations
+    model_messages = sum(e.outbox.traffic.messages["model"] for e in federation.endpoints)
+    assert model_messages >= 5 * logical
