@@ -9,6 +9,7 @@ metrics event.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from node.models import initial_weights
@@ -22,6 +23,7 @@ from relay.envelope import (
     Command,
     ControlEnvelope,
     EnsembleMemberEnvelope,
+    EnvelopeBase,
     JobSpecEnvelope,
     MetricsEnvelope,
     ModelEnvelope,
@@ -177,42 +179,27 @@ class SiteNode(Endpoint):
             weights = result.weights
             trained = self.algo.evaluate([weights]).as_dict() | {"loss": result.loss}
             self._metrics(job, "trained", trained, round=at, hop=hop)
-        payload = encode(weights)
+        make: Callable[..., EnvelopeBase]
         if job.algorithm is Algorithm.FEDAVG:
-            self.outbox.send(
-                UpdateEnvelope,
-                payload,
-                chunk_size=job.chunk_size,
-                job_id=job.job_id,
-                algorithm=job.algorithm,
-                recipient=AGGREGATOR,
-                round=round,
-                sample_count=result.sample_count,
-                metrics=trained,
-            )
+            make = UpdateEnvelope
+            where: dict[str, object] = {"recipient": AGGREGATOR, "round": round}
         elif job.algorithm is Algorithm.ENSEMBLE:
-            self.outbox.send(
-                EnsembleMemberEnvelope,
-                payload,
-                chunk_size=job.chunk_size,
-                job_id=job.job_id,
-                algorithm=job.algorithm,
-                recipient=AGGREGATOR,
-                sample_count=result.sample_count,
-                metrics=trained,
-            )
+            make = EnsembleMemberEnvelope
+            where = {"recipient": AGGREGATOR}
         else:
             stop = next_stop(job, self.name, round=round)
-            self.outbox.send(
-                ModelEnvelope,
-                payload,
-                chunk_size=job.chunk_size,
-                job_id=job.job_id,
-                algorithm=job.algorithm,
-                recipient=stop.recipient,
-                round=stop.round,
-                hop=stop.hop,
-            )
+            make = ModelEnvelope
+            where = {"recipient": stop.recipient, "round": stop.round, "hop": stop.hop}
+        if not job.algorithm.is_ring:
+            where |= {"sample_count": result.sample_count, "metrics": trained}
+        self.outbox.send(
+            make,
+            encode(weights),
+            chunk_size=job.chunk_size,
+            job_id=job.job_id,
+            algorithm=job.algorithm,
+            **where,
+        )
         log.info(
             "site %s: %s round %d hop %d trained and sent", self.name, job.algorithm, round, hop
         )

@@ -6,7 +6,7 @@ import pytest
 
 from relay.errors import AccessRefused, MessageTooLarge, Unroutable
 from relay.topology import DELIVERY_LIMIT, REASON_HEADER, Topology, topic_matches
-from relay.transport import Message
+from relay.transport import Delivery, Message, Transport
 from tests.conftest import Connect
 
 
@@ -19,6 +19,17 @@ def message(user: str | None, body: bytes = b"hello", message_id: str = "m1") ->
         user_id=user,
         headers={"round": 1},
     )
+
+
+def delivered_to_site_1(connect: Connect, topology: Topology) -> tuple[Transport, Delivery]:
+    """The aggregator sends site-1 a message; site-1 takes it and has not settled it yet."""
+    aggregator = connect("aggregator")
+    aggregator.declare(topology)
+    aggregator.publish("site.site-1", message("aggregator"), exchange=topology.exchange)
+    site = connect("site-1")
+    delivery = site.get(topology.site_queue("site-1"), timeout=1)
+    assert delivery is not None
+    return site, delivery
 
 
 @pytest.mark.parametrize(
@@ -86,12 +97,7 @@ def test_oversize_message_is_refused(connect: Connect, topology: Topology) -> No
 def test_rejected_message_is_dead_lettered_with_its_reason(
     connect: Connect, topology: Topology
 ) -> None:
-    aggregator = connect("aggregator")
-    aggregator.declare(topology)
-    aggregator.publish("site.site-1", message("aggregator"), exchange=topology.exchange)
-    site = connect("site-1")
-    delivery = site.get(topology.site_queue("site-1"), timeout=1)
-    assert delivery is not None
+    site, delivery = delivered_to_site_1(connect, topology)
     site.reject(delivery, "envelope.round: bad", dead_letter_exchange=topology.dead_letter_exchange)
     dead = connect("operator").get(topology.dead_queue, timeout=1)
     assert dead is not None
@@ -102,11 +108,7 @@ def test_rejected_message_is_dead_lettered_with_its_reason(
 def test_closing_returns_unacked_messages_marked_redelivered(
     connect: Connect, topology: Topology
 ) -> None:
-    aggregator = connect("aggregator")
-    aggregator.declare(topology)
-    aggregator.publish("site.site-1", message("aggregator"), exchange=topology.exchange)
-    first = connect("site-1")
-    assert first.get(topology.site_queue("site-1"), timeout=1) is not None
+    first, _ = delivered_to_site_1(connect, topology)
     first.close()
     again = connect("site-1").get(topology.site_queue("site-1"), timeout=1)
     assert again is not None and again.redelivered
