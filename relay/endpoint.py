@@ -73,6 +73,13 @@ class Endpoint(ABC):
         try:
             if action is not None:
                 action()
+        except InvalidInput as e:
+            # Found only while acting (after the ack): nothing to dead-letter any more, so the
+            # refusal is logged and kept with the others; the endpoint goes on.
+            log.error(
+                "%s could not act on message %s: %s", self.name, delivery.message.message_id, e
+            )
+            self.rejected.append(str(e))
         finally:
             if received is not None and received.path is not None:
                 received.path.unlink(missing_ok=True)
