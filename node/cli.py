@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import Callable
 from enum import Enum
@@ -23,7 +24,7 @@ from relay.validation import describe
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-REGIONS = (("dice_wt", "WT"), ("dice_tc", "TC"), ("dice_et", "ET"), ("dice_mean", "mean"))
+COLUMNS = (("dice_wt", "WT"), ("dice_tc", "TC"), ("dice_et", "ET"), ("dice_mean", "mean"))
 
 
 @click.group()
@@ -86,7 +87,9 @@ def simulate_command(output: Path, as_json: bool, **options: object) -> None:
     try:
         config = SimulationConfig.model_validate(options)
     except ValidationError as e:
-        raise click.UsageError(describe(e, what="option").replace("option.", "--")) from e
+        message = describe(e, what="option")
+        message = re.sub(r"option\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), message)
+        raise click.UsageError(message) from e
     console = Console(stderr=True)
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -128,21 +131,21 @@ def _print_table(result: SimulationResult, output: Path, console: Console) -> No
     table = Table(title=f"Dice on each site's validation cases: {algorithm}, {final}")
     table.add_column("site")
     table.add_column("val cases", justify="right")
-    for _, region in REGIONS:
+    for _, region in COLUMNS:
         table.add_column(region, justify="right")
     table.add_column("untrained mean", justify="right")
     for site, metrics in result.final.items():
         table.add_row(
             site,
             str(result.data[site].validation_cases),
-            *(f"{metrics.get(key, 0.0):.3f}" for key, _ in REGIONS),
+            *(f"{metrics.get(key, 0.0):.3f}" for key, _ in COLUMNS),
             f"{result.initial[site]['dice_mean']:.3f}",
         )
     overall = result.final_overall
     table.add_row(
         "[bold]all sites",
         str(sum(d.validation_cases for d in result.data.values())),
-        *(f"[bold]{overall.get(key, 0.0):.3f}" for key, _ in REGIONS),
+        *(f"[bold]{overall.get(key, 0.0):.3f}" for key, _ in COLUMNS),
         f"{result.initial_overall.get('dice_mean', 0.0):.3f}",
         end_section=True,
     )

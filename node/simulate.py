@@ -22,15 +22,22 @@ from safetensors.torch import save_file
 
 from node.models import initial_weights
 from node.phantom import SiteProfile, generate_cases, site_profiles
-from node.site import SiteNode
-from node.trainer import SegmentationTrainer
+from node.site import AlgoFactory, SiteNode
+from node.trainer import SegmentationTrainer, SiteAlgo
 from relay.aggregation import bundle
 from relay.chunking import file_digest
 from relay.codec import StateDict
 from relay.endpoint import Endpoint
 from relay.envelope import AGGREGATOR, EVENTS, Envelope
 from relay.errors import JobFailed
-from relay.jobspec import Algorithm, JobSpec, ModelSpec, TrainingSpec
+from relay.jobspec import (
+    DEFAULT_CHUNK_SIZE,
+    MAX_CHUNK_SIZE,
+    Algorithm,
+    JobSpec,
+    ModelSpec,
+    TrainingSpec,
+)
 from relay.monitor import Monitor
 from relay.runner import run_until
 from relay.topology import Topology
@@ -58,7 +65,7 @@ class SimulationConfig(BaseModel):
     cases_per_site: int = Field(default=10, ge=4, le=500)
     batch_size: int = Field(default=2, ge=1)
     learning_rate: float = Field(default=1e-2, gt=0)
-    chunk_size: int = Field(default=8 * 1024 * 1024, ge=1024)
+    chunk_size: int = Field(default=DEFAULT_CHUNK_SIZE, ge=4096, le=MAX_CHUNK_SIZE)
     min_sites: int | None = Field(default=None, ge=1)
     round_timeout_s: float = Field(default=3600.0, gt=0)
 
@@ -69,6 +76,12 @@ class SimulationConfig(BaseModel):
     @model_validator(mode="after")
     def _valid_job(self) -> SimulationConfig:
         self.job()  # a setting the job spec refuses is refused here, before any work starts
+        levels = 2 ** (self.depth - 1)
+        if self.volume_size % levels:
+            raise ValueError(
+                f"'volume_size' {self.volume_size} must be a multiple of {levels} for a "
+                f"network of depth {self.depth}"
+            )
         return self
 
     def job(self) -> JobSpec:
@@ -123,7 +136,7 @@ class RoundRow(BaseModel):
     seconds: float
 
 
-class Traffic(BaseModel):
+class TrafficSummary(BaseModel):
     """Bytes and messages published, over all parties, by message kind."""
 
     total_bytes: int
@@ -146,7 +159,7 @@ class SimulationResult(BaseModel):
     rounds: list[RoundRow]
     late: list[str]
     dead_letters: list[str]
-    bytes_moved: Traffic
+    bytes_moved: TrafficSummary
     wall_time_s: float
     model_file: str | None
     model_sha256: str | None
@@ -162,6 +175,17 @@ def weighted_overall(
     if total == 0:
         return {}
     return {k: sum(per_site[s].get(k, 0.0) * counts[s] for s in per_site) / total for k in keys}
+
+
+def _trainer_factory(images: torch.Tensor, labels: torch.Tensor, *, seed: int) -> AlgoFactory:
+    """A site's trainers: one per job, on this site's cases, with the job's model and settings."""
+
+    def make(job: JobSpec) -> SiteAlgo:
+        return SegmentationTrainer(
+            model=job.model, training=job.training, images=images, labels=labels, seed=seed
+        )
+
+    return make
 
 
 def _site_data(
@@ -187,6 +211,8 @@ class Federation:
     sites: list[SiteNode]
     monitor: Monitor
     data: dict[str, SiteData]
+    baselines: dict[str, SiteAlgo]
+    """Per site, a trainer for the simulated job, to score models outside the federation."""
 
     @classmethod
     def build(
@@ -214,18 +240,14 @@ class Federation:
         )
         sites: list[SiteNode] = []
         data: dict[str, SiteData] = {}
+        baselines: dict[str, SiteAlgo] = {}
         for name, profile, images, labels in _site_data(config):
-            algo = SegmentationTrainer(
-                model=job.model,
-                training=job.training,
-                images=images,
-                labels=labels,
-                seed=config.seed,
-            )
+            factory = _trainer_factory(images, labels, seed=config.seed)
+            algo = baselines[name] = factory(job)
             sites.append(
                 SiteNode(
                     name=name,
-                    algo=algo,
+                    algo_factory=factory,
                     transport=MemoryTransport(broker, user=name),
                     topology=topology,
                     spool=spool / name,
@@ -239,7 +261,7 @@ class Federation:
                 noise=profile.noise,
                 lesion_scale=profile.lesion_scale,
             )
-        return cls(broker, topology, coordinator, sites, monitor, data)
+        return cls(broker, topology, coordinator, sites, monitor, data, baselines)
 
     @property
     def endpoints(self) -> list[Endpoint]:
@@ -273,11 +295,14 @@ def simulate(
     """Run one job on an in-process federation; write results.json and the final model."""
     started = time.perf_counter()
     output.mkdir(parents=True, exist_ok=True)
+    (output / MODEL_FILE).unlink(missing_ok=True)  # never leave an earlier run's model behind
     job = config.job()
     with tempfile.TemporaryDirectory(prefix="fedrelay-sim-") as scratch:
         federation = Federation.build(config, Path(scratch), on_event=on_event)
         initial = initial_weights(job.model, seed=job.seed)
-        initial_scores = {s.name: s.algo.evaluate([initial]).as_dict() for s in federation.sites}
+        initial_scores = {
+            name: algo.evaluate([initial]).as_dict() for name, algo in federation.baselines.items()
+        }
         try:
             state = federation.run(job)
         finally:
@@ -323,7 +348,7 @@ def _write_results(
         rounds=[RoundRow(**vars(r)) for r in state.rounds],
         late=state.late,
         dead_letters=[reason for e in endpoints for reason in e.rejected],
-        bytes_moved=Traffic(
+        bytes_moved=TrafficSummary(
             total_bytes=sum(t.total_bytes for t in traffic),
             bytes_by_kind=_sum_counters([dict(t.bytes) for t in traffic]),
             messages_by_kind=_sum_counters([dict(t.messages) for t in traffic]),

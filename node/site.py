@@ -23,6 +23,7 @@ from relay.envelope import (
     Command,
     ControlEnvelope,
     EnsembleMemberEnvelope,
+    Envelope,
     EnvelopeBase,
     JobSpecEnvelope,
     MetricsEnvelope,
@@ -30,7 +31,7 @@ from relay.envelope import (
     Task,
     UpdateEnvelope,
 )
-from relay.errors import EnvelopeError
+from relay.errors import ConfigError, EnvelopeError
 from relay.jobspec import Algorithm, JobSpec
 from relay.messaging import Received
 from relay.topology import Topology
@@ -41,70 +42,121 @@ from relay.workflows.ring import expected_hop, next_stop
 log = logging.getLogger(__name__)
 
 
+AlgoFactory = Callable[[JobSpec], SiteAlgo]
+"""Makes the site's training algorithm for a job (its model recipe and training settings)
+over the site's own data; raises ConfigError when the site cannot run that job."""
+
+
 class SiteNode(Endpoint):
-    """One hospital's node: a transport connection, a training algorithm, and its jobs."""
+    """One hospital's node: a transport connection, its training algorithm, and its jobs."""
 
     def __init__(
         self,
         *,
         name: str,
-        algo: SiteAlgo,
+        algo_factory: AlgoFactory,
         transport: Transport,
         topology: Topology,
         spool: Path,
     ) -> None:
         super().__init__(name=name, transport=transport, topology=topology, spool=spool)
-        self.algo = algo
+        self.algo_factory = algo_factory
         self.jobs: dict[str, JobSpec] = {}
+        self.algos: dict[str, SiteAlgo] = {}
         self._references: dict[str, StateDict] = {}
+        self._ring_position: dict[str, tuple[int, int]] = {}
 
-    def prepare(self, received: Received) -> Action | None:
-        """Accept job specs, models to train or evaluate, and cancellations."""
-        envelope = received.envelope
-        if envelope.sender != AGGREGATOR and not isinstance(envelope, ModelEnvelope):
-            raise EnvelopeError(
-                f"envelope.sender: only the aggregator may send {envelope.kind} to a site, "
-                f"got {envelope.sender!r}"
-            )
+    def screen(self, envelope: Envelope) -> None:
+        """Refuse, before anything is stored, what no site should accept from this sender."""
         if isinstance(envelope, JobSpecEnvelope):
-            spec = parse_json(JobSpec, bytes(received.payload), what="job")
-            self._check_spec(spec, envelope.job_id)
-            return lambda: self._add_job(spec)
+            if envelope.sender != AGGREGATOR:
+                raise EnvelopeError(
+                    f"envelope.sender: only the aggregator sends job specs, got {envelope.sender!r}"
+                )
+            return
         job = self.jobs.get(envelope.job_id)
         if job is None:
             raise EnvelopeError(
                 f"envelope.job_id: {envelope.job_id!r} is unknown to site {self.name!r}; the "
                 "job spec must arrive first (was it submitted to this federation?)"
             )
-        if isinstance(envelope, ControlEnvelope) and envelope.command is Command.CANCEL:
-            return lambda: self._forget(job.job_id)
-        if not isinstance(envelope, ModelEnvelope):
-            raise EnvelopeError(f"envelope.kind: a site does not accept {envelope.kind}")
-        if job.algorithm.is_ring and envelope.task is Task.TRAIN:
-            expected_hop(job, self.name, round=envelope.round, hop=envelope.hop)
-            if envelope.hop > 0 and envelope.sender != job.sites[envelope.hop - 1]:
-                raise EnvelopeError(
-                    f"envelope.sender: hop {envelope.hop} must come from "
-                    f"{job.sites[envelope.hop - 1]!r}, got {envelope.sender!r}"
-                )
-        elif envelope.sender != AGGREGATOR:
+        if envelope.is_chunked and envelope.chunk_size != job.chunk_size:
             raise EnvelopeError(
-                f"envelope.sender: {job.algorithm} models come from the aggregator, "
+                f"envelope.chunk_size: got {envelope.chunk_size}, the job's is {job.chunk_size}"
+            )
+        if isinstance(envelope, ModelEnvelope):
+            self._check_route(job, envelope)
+        elif not isinstance(envelope, ControlEnvelope) or envelope.sender != AGGREGATOR:
+            raise EnvelopeError(
+                f"envelope.kind: a site does not accept {envelope.kind} from {envelope.sender!r}"
+            )
+
+    def _check_route(self, job: JobSpec, envelope: ModelEnvelope) -> None:
+        train = envelope.task is Task.TRAIN
+        if train and envelope.members != 1:
+            raise EnvelopeError(
+                f"envelope.members: a model to train is a single model, got {envelope.members}"
+            )
+        if not train and envelope.members > len(job.sites):
+            raise EnvelopeError(
+                f"envelope.members: got {envelope.members}, the job has {len(job.sites)} sites"
+            )
+        if not (train and job.algorithm.is_ring):
+            expected = AGGREGATOR
+        else:
+            expected_hop(job, self.name, round=envelope.round, hop=envelope.hop)
+            if envelope.hop > 0:
+                expected = job.sites[envelope.hop - 1]
+            else:
+                expected = AGGREGATOR if envelope.round == 0 else job.sites[-1]
+            last = self._ring_position.get(job.job_id)
+            if last is not None and (envelope.round, envelope.hop) <= last:
+                raise EnvelopeError(
+                    f"envelope.round/hop: cycle {envelope.round} hop {envelope.hop} was already "
+                    f"trained here (last: cycle {last[0]} hop {last[1]}); a second token "
+                    "would fork the ring"
+                )
+        if envelope.sender != expected:
+            raise EnvelopeError(
+                f"envelope.sender: this {job.algorithm} model must come from {expected!r}, "
                 f"got {envelope.sender!r}"
             )
+
+    def prepare(self, received: Received) -> Action | None:
+        """Accept job specs, models to train or evaluate, and cancellations."""
+        envelope = received.envelope
+        if isinstance(envelope, JobSpecEnvelope):
+            spec = parse_json(JobSpec, bytes(received.payload), what="job")
+            self._check_spec(spec, envelope)
+            try:
+                algo = self.algo_factory(spec)
+            except ConfigError as e:
+                raise EnvelopeError(
+                    f"job {spec.job_id}: site {self.name!r} cannot run it: {e}"
+                ) from e
+            return lambda: self._add_job(spec, algo)
+        job = self.jobs[envelope.job_id]
+        if isinstance(envelope, ControlEnvelope):
+            if envelope.command is Command.CANCEL:
+                return lambda: self._forget(job.job_id)
+            return None
+        assert isinstance(envelope, ModelEnvelope)  # screen() let nothing else through
         members = unbundle(decode(received.payload), envelope.members)
         reference = self._reference(job)
         for i, member in enumerate(members):
             check_compatible(reference, member, who=f"model from {envelope.sender!r} member {i}")
         if envelope.task is Task.EVALUATE:
             return lambda: self._evaluate_final(job, envelope, members)
-        if envelope.members != 1:
-            raise EnvelopeError("envelope.members: a model to train must be a single model")
+        if job.algorithm.is_ring:
+            self._ring_position[job.job_id] = (envelope.round, envelope.hop)
         return lambda: self._train(job, envelope, members[0])
 
-    def _check_spec(self, spec: JobSpec, job_id: str) -> None:
-        if spec.job_id != job_id:
-            raise EnvelopeError(f"job.job_id {spec.job_id!r} differs from envelope's {job_id!r}")
+    def _check_spec(self, spec: JobSpec, envelope: JobSpecEnvelope) -> None:
+        if spec.job_id != envelope.job_id or spec.algorithm is not envelope.algorithm:
+            raise EnvelopeError(
+                f"job: job_id/algorithm {spec.job_id!r}/{spec.algorithm} differ from the "
+                f"envelope's {envelope.job_id!r}/{envelope.algorithm}"
+            )
         if self.name not in spec.sites:
             raise EnvelopeError(f"job.sites {list(spec.sites)} does not include {self.name!r}")
         if spec.federation != self.topology.federation:
@@ -119,12 +171,17 @@ class SiteNode(Endpoint):
             self._references[job.job_id] = initial_weights(job.model, seed=job.seed)
         return self._references[job.job_id]
 
-    def _add_job(self, spec: JobSpec) -> None:
+    def _add_job(self, spec: JobSpec, algo: SiteAlgo) -> None:
         self.jobs[spec.job_id] = spec
+        self.algos[spec.job_id] = algo
 
     def _forget(self, job_id: str) -> None:
         self.jobs.pop(job_id, None)
         self._references.pop(job_id, None)
+        self._ring_position.pop(job_id, None)
+        algo = self.algos.pop(job_id, None)
+        if algo is not None:
+            algo.finalize(job_id)
 
     def _metrics(
         self,
@@ -145,17 +202,14 @@ class SiteNode(Endpoint):
             round=round,
             hop=hop,
             stage=stage,
-            sample_count=self.algo.validation_count,
+            sample_count=self.algos[job.job_id].validation_count,
             metrics=metrics,
         )
 
     def _evaluate_final(
         self, job: JobSpec, envelope: ModelEnvelope, members: list[StateDict]
     ) -> None:
-        dice = self.algo.evaluate(members)
-        # The final evaluation is the last thing a job asks of a site.
-        self.algo.finalize(job.job_id)
-        self._forget(job.job_id)
+        dice = self.algos[job.job_id].evaluate(members)
         self._metrics(
             job,
             "final",
@@ -164,20 +218,21 @@ class SiteNode(Endpoint):
             hop=envelope.hop,
             recipient=AGGREGATOR,
         )
+        # The final evaluation is the last thing a job asks of a site.
+        self._forget(job.job_id)
 
     def _train(self, job: JobSpec, envelope: ModelEnvelope, weights: StateDict) -> None:
         round, hop = envelope.round, envelope.hop
-        self._metrics(
-            job, "received", self.algo.evaluate([weights]).as_dict(), round=round, hop=hop
-        )
+        algo = self.algos[job.job_id]
+        self._metrics(job, "received", algo.evaluate([weights]).as_dict(), round=round, hop=hop)
         passes = job.rounds if job.algorithm is Algorithm.ENSEMBLE else 1
         for step in range(passes):
             at = step if job.algorithm is Algorithm.ENSEMBLE else round
-            result = self.algo.train(
+            result = algo.train(
                 weights, epochs=job.training.local_epochs, job_id=job.job_id, round=at
             )
             weights = result.weights
-            trained = self.algo.evaluate([weights]).as_dict() | {"loss": result.loss}
+            trained = algo.evaluate([weights]).as_dict() | {"loss": result.loss}
             self._metrics(job, "trained", trained, round=at, hop=hop)
         make: Callable[..., EnvelopeBase]
         if job.algorithm is Algorithm.FEDAVG:

@@ -19,11 +19,9 @@ from monai.metrics import DiceMetric
 
 from node.models import build_model
 from node.phantom import REGIONS
+from relay.codec import StateDict
 from relay.errors import ConfigError, InvalidInput
 from relay.jobspec import ModelSpec, TrainingSpec
-
-StateDict = dict[str, torch.Tensor]
-"""A model's weights by parameter name, as ``torch.nn.Module.state_dict()`` gives them."""
 
 _THRESHOLD = 0.5
 

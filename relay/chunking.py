@@ -39,17 +39,6 @@ def chunk_length(envelope: EnvelopeBase) -> int:
     return envelope.payload_size - envelope.chunk_size * (envelope.chunk_count - 1)
 
 
-def write_durably(path: Path, data: bytes) -> None:
-    """Write a small file so that it survives a crash: temp file, fsync, rename, fsync dir."""
-    temp = path.with_suffix(path.suffix + ".tmp")
-    with temp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    temp.replace(path)
-    fsync_directory(path.parent)
-
-
 def fsync_directory(directory: Path) -> None:
     """fsync a directory so that renames and new files in it are durable."""
     fd = os.open(directory, os.O_RDONLY)
@@ -76,54 +65,52 @@ class _Transfer:
     chunk_size: int
     received: dict[int, str]
 
-    def describe(self) -> dict[str, object]:
-        return {
-            "payload_digest": self.payload_digest,
-            "payload_size": self.payload_size,
-            "chunk_count": self.chunk_count,
-            "chunk_size": self.chunk_size,
-            "received": {str(k): v for k, v in self.received.items()},
-        }
+    def layout(self) -> tuple[str, int, int, int]:
+        return (self.payload_digest, self.payload_size, self.chunk_count, self.chunk_size)
+
+
+def transfer_key(envelope: EnvelopeBase) -> str:
+    """A transfer's name: its sender and message id, so senders cannot collide."""
+    return f"{envelope.sender}-{envelope.message_id}"
 
 
 class Reassembler:
     """Reassembles chunked payloads on disk, detecting loss, duplicates, mix-ups and corruption.
 
-    One transfer is keyed by the envelope's ``message_id``, which all its chunks share.
+    A transfer is keyed by :func:`transfer_key`. Its manifest is an append-only log (a JSON
+    layout line, then one ``index digest`` line per stored chunk), so recording a chunk costs
+    the same however many came before, and a restarted receiver picks up where it was.
     """
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self._transfers: dict[str, _Transfer] = {}
-        for manifest in directory.glob("*.chunks.json"):
-            message_id = manifest.name.removesuffix(".chunks.json")
-            data = json.loads(manifest.read_text())
-            data["received"] = {int(k): v for k, v in data["received"].items()}
-            self._transfers[message_id] = _Transfer(**data)
+        for manifest in directory.glob("*.chunks"):
+            self._transfers[manifest.name.removesuffix(".chunks")] = _load(manifest)
 
-    def _part(self, message_id: str) -> Path:
-        return self.directory / f"{message_id}.part"
+    def _part(self, key: str) -> Path:
+        return self.directory / f"{key}.part"
 
-    def _manifest(self, message_id: str) -> Path:
-        return self.directory / f"{message_id}.chunks.json"
+    def _manifest(self, key: str) -> Path:
+        return self.directory / f"{key}.chunks"
 
     def pending(self) -> dict[str, list[int]]:
         """Incomplete transfers and the chunk indices each still misses."""
-        return {mid: self.missing(mid) for mid in self._transfers}
+        return {key: self.missing(key) for key in self._transfers}
 
-    def missing(self, message_id: str) -> list[int]:
-        """Chunk indices not yet received for ``message_id`` (all, if unknown)."""
-        transfer = self._transfers.get(message_id)
+    def missing(self, key: str) -> list[int]:
+        """Chunk indices not yet received for transfer ``key`` ([] if there is none)."""
+        transfer = self._transfers.get(key)
         if transfer is None:
             return []
         return [i for i in range(transfer.chunk_count) if i not in transfer.received]
 
-    def discard(self, message_id: str) -> None:
+    def discard(self, key: str) -> None:
         """Forget a transfer and delete what it had on disk."""
-        self._transfers.pop(message_id, None)
-        self._part(message_id).unlink(missing_ok=True)
-        self._manifest(message_id).unlink(missing_ok=True)
+        self._transfers.pop(key, None)
+        self._part(key).unlink(missing_ok=True)
+        self._manifest(key).unlink(missing_ok=True)
 
     def add(self, envelope: EnvelopeBase, data: memoryview) -> Path | None:
         """Store one chunk durably; return the complete, verified payload file after the last.
@@ -131,63 +118,102 @@ class Reassembler:
         Returns None while chunks are still missing, and for an exact duplicate of a chunk
         already stored. Raises ChunkError for a chunk that is corrupt, of the wrong length,
         inconsistent with the transfer's other chunks, or a different chunk under an index
-        already stored; and when the reassembled payload's digest is wrong (the transfer is
-        then discarded).
+        already stored; when the reassembled payload's digest is wrong; and when the spool
+        cannot be written. The transfer is discarded in the last two cases.
         """
-        mid = envelope.message_id
-        where = f"chunk {envelope.chunk_index + 1}/{envelope.chunk_count} of message {mid}"
+        key = transfer_key(envelope)
+        where = (
+            f"chunk {envelope.chunk_index + 1}/{envelope.chunk_count} of message "
+            f"{envelope.message_id} from {envelope.sender}"
+        )
         expected = chunk_length(envelope)
         if len(data) != expected:
             raise ChunkError(f"{where}: holds {len(data)} bytes, expected {expected}")
         chunk_digest = hashlib.sha256(data).hexdigest()
         if chunk_digest != envelope.chunk_digest:
             raise ChunkError(f"{where}: corrupt (sha256 {chunk_digest[:12]}… differs from header)")
-        transfer = self._transfers.get(mid)
-        if transfer is None:
-            transfer = _Transfer(
-                envelope.payload_digest,
-                envelope.payload_size,
-                envelope.chunk_count,
-                envelope.chunk_size,
-                {},
+        layout = (
+            envelope.payload_digest,
+            envelope.payload_size,
+            envelope.chunk_count,
+            envelope.chunk_size,
+        )
+        transfer = self._transfers.get(key)
+        if transfer is not None and transfer.layout() != layout:
+            raise ChunkError(
+                f"{where}: payload digest/size/chunk layout differ from the transfer's "
+                "earlier chunks; two payloads share one message id"
             )
-            self._transfers[mid] = transfer
-        else:
-            shape = (transfer.payload_digest, transfer.payload_size)
-            layout = (transfer.chunk_count, transfer.chunk_size)
-            if shape != (envelope.payload_digest, envelope.payload_size) or layout != (
-                envelope.chunk_count,
-                envelope.chunk_size,
-            ):
-                raise ChunkError(
-                    f"{where}: payload digest/size/chunk layout differ from the transfer's "
-                    "earlier chunks; two payloads share one message id"
-                )
-        seen = transfer.received.get(envelope.chunk_index)
-        if seen is not None:
-            if seen == chunk_digest:
+        if transfer is not None and envelope.chunk_index in transfer.received:
+            if transfer.received[envelope.chunk_index] == chunk_digest:
                 return None
             raise ChunkError(f"{where}: a different chunk with this index was already received")
-        part = self._part(mid)
+        try:
+            return self._store(key, transfer, layout, (envelope.chunk_index, chunk_digest), data)
+        except OSError as e:
+            self.discard(key)
+            raise ChunkError(f"{where}: cannot be written to the spool ({e})") from e
+
+    def _store(
+        self,
+        key: str,
+        transfer: _Transfer | None,
+        layout: tuple[str, int, int, int],
+        chunk: tuple[int, str],
+        data: memoryview,
+    ) -> Path | None:
+        index, chunk_digest = chunk
+        if transfer is None:
+            transfer = _Transfer(*layout, received={})
+            self._transfers[key] = transfer
+            header = {
+                "payload_digest": layout[0],
+                "payload_size": layout[1],
+                "chunk_count": layout[2],
+                "chunk_size": layout[3],
+            }
+            _append(self._manifest(key), json.dumps(header) + "\n")
+        part = self._part(key)
         with part.open("r+b" if part.exists() else "wb") as f:
-            f.seek(envelope.chunk_index * max(envelope.chunk_size, 0))
+            f.seek(index * transfer.chunk_size)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        transfer.received[envelope.chunk_index] = chunk_digest
+        _append(self._manifest(key), f"{index} {chunk_digest}\n")
+        transfer.received[index] = chunk_digest
         if len(transfer.received) < transfer.chunk_count:
-            write_durably(self._manifest(mid), json.dumps(transfer.describe()).encode())
             return None
         actual = file_digest(part)
         if actual != transfer.payload_digest:
-            self.discard(mid)
+            self.discard(key)
             raise ChunkError(
-                f"message {mid}: reassembled payload has sha256 {actual[:12]}…, header says "
+                f"message {key}: reassembled payload has sha256 {actual[:12]}…, header says "
                 f"{transfer.payload_digest[:12]}…; the transfer is discarded"
             )
-        complete = self.directory / f"{mid}.payload"
+        complete = self.directory / f"{key}.payload"
         part.replace(complete)
-        self._transfers.pop(mid)
-        self._manifest(mid).unlink(missing_ok=True)
+        self._transfers.pop(key)
+        self._manifest(key).unlink(missing_ok=True)
         fsync_directory(self.directory)
         return complete
+
+
+def _append(path: Path, line: str) -> None:
+    new = not path.exists()
+    with path.open("a") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+    if new:
+        fsync_directory(path.parent)
+
+
+def _load(manifest: Path) -> _Transfer:
+    lines = manifest.read_text().splitlines()
+    header = json.loads(lines[0])
+    received: dict[int, str] = {}
+    for line in lines[1:]:
+        index, _, digest = line.partition(" ")
+        if index.isdigit() and len(digest) == 64:  # a torn last line is a chunk not recorded
+            received[int(index)] = digest
+    return _Transfer(received=received, **header)

@@ -53,6 +53,11 @@ DTYPES: dict[str, torch.dtype] = {
     "int16": torch.int16,
     "int8": torch.int8,
     "uint8": torch.uint8,
+    "uint16": torch.uint16,
+    "uint32": torch.uint32,
+    "uint64": torch.uint64,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e5m2": torch.float8_e5m2,
     "bool": torch.bool,
 }
 """Every dtype the codec carries, by its wire name."""
@@ -60,6 +65,13 @@ DTYPES: dict[str, torch.dtype] = {
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 NonNegative = Annotated[int, Field(ge=0)]
+Dimension = Annotated[int, Field(ge=0, le=2**40)]
+
+MAX_TENSORS = 200_000
+"""Tensors one payload may hold; far more than any model has."""
+
+TENSOR_HEADER_LIMITS = {"max_header": 64 * 1024 * 1024, "max_items": 2_000_000}
+"""A tensor payload's header: at most this many bytes, and this many msgpack values in all."""
 
 
 class TensorHeader(Frozen):
@@ -67,7 +79,9 @@ class TensorHeader(Frozen):
 
     format: Literal["fedrelay.tensors"]
     version: Literal[1]
-    tensors: list[tuple[str, str, list[NonNegative], NonNegative, NonNegative]]
+    tensors: list[
+        tuple[str, str, Annotated[list[Dimension], Field(max_length=16)], NonNegative, NonNegative]
+    ] = Field(max_length=MAX_TENSORS)
     pad: bytes = b""
 
 
@@ -101,7 +115,12 @@ def encode(state: Mapping[str, torch.Tensor]) -> bytearray:
                 f"tensor {name!r}: dtype {value.dtype} is not carried; "
                 f"convert it to one of {', '.join(DTYPES)}"
             )
-        tensor = value.detach().to("cpu").contiguous()
+        if value.layout is not torch.strided:
+            raise CodecError(
+                f"tensor {name!r}: {value.layout} tensors are not carried; convert it with "
+                ".to_dense() first"
+            )
+        tensor = value.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
         nbytes = tensor.numel() * tensor.element_size()
         offset = _aligned(offset)
         entries.append([name, dtype_name, list(tensor.shape), offset, nbytes])
@@ -144,20 +163,62 @@ class _Reader:
         return chunk
 
 
-def read_head(buffer: Buffer, *, what: str) -> tuple[object, memoryview]:
-    """Split ``msgpack object + bin32`` into the decoded object and a view of the bin's bytes.
+class _Budget:
+    """Counts decoded msgpack containers' items, so a tiny hostile header cannot expand into
+    millions of Python objects."""
 
+    def __init__(self, limit: int, what: str) -> None:
+        self.left = limit
+        self.what = what
+
+    def spend(self, size: int) -> None:
+        self.left -= size
+        if self.left < 0:
+            raise CodecError(f"{self.what}: the header holds too many values")
+
+    def on_list(self, items: list[object]) -> list[object]:
+        self.spend(len(items) + 1)
+        return items
+
+    def on_map(self, pairs: list[tuple[object, object]]) -> dict[object, object]:
+        self.spend(2 * len(pairs) + 1)
+        return dict(pairs)
+
+
+def read_head(
+    buffer: Buffer, *, what: str, max_header: int = 1024 * 1024, max_items: int = 4096
+) -> tuple[object, memoryview]:
+    """Split ``msgpack map + bin32`` into the decoded map and a view of the bin's bytes.
+
+    The header may be at most ``max_header`` bytes and hold at most ``max_items`` values.
     Raises CodecError when the buffer is not exactly that, naming ``what`` it was meant to be.
     """
     view = memoryview(buffer).cast("B")
+    if not view or not (0x80 <= view[0] <= 0x8F or view[0] in (0xDE, 0xDF)):
+        raise CodecError(f"{what}: expected a msgpack map header first; this is not fedrelay's")
+    budget = _Budget(max_items, what)
+    limit = min(max_header, max_items)
     unpacker = msgpack.Unpacker(
-        _Reader(view), raw=False, read_size=64 * 1024, max_buffer_size=64 * 1024 * 1024
+        _Reader(view),
+        raw=False,
+        read_size=min(64 * 1024, max_header),
+        max_buffer_size=max_header,
+        max_str_len=max_header,
+        max_bin_len=max_header,
+        max_array_len=limit,
+        max_map_len=limit,
+        max_ext_len=0,
+        list_hook=budget.on_list,
+        object_pairs_hook=budget.on_map,
+        strict_map_key=True,
     )
     try:
         head = unpacker.unpack()
+    except CodecError:
+        raise
     except (msgpack.OutOfData, msgpack.UnpackException, ValueError, TypeError) as e:
         raise CodecError(
-            f"{what}: the header is not valid msgpack ({type(e).__name__}: {e})"
+            f"{what}: the header is not valid msgpack within its limits ({type(e).__name__}: {e})"
         ) from e
     start = unpacker.tell()
     if len(view) < start + 5 or view[start] != _BIN32:
@@ -177,7 +238,7 @@ def decode(buffer: Buffer) -> StateDict:
     Tensors share memory with ``buffer`` when it is writable (bytearray, mmap); a read-only
     buffer (bytes) is copied tensor by tensor, since torch must not alias read-only memory.
     """
-    head, blob = read_head(buffer, what="tensor payload")
+    head, blob = read_head(buffer, what="tensor payload", **TENSOR_HEADER_LIMITS)
     try:
         header = parse(TensorHeader, head, what="tensor payload header")
     except EnvelopeError as e:
@@ -205,13 +266,27 @@ def decode(buffer: Buffer) -> StateDict:
                 f"tensor {name!r}: bytes {offset}..{offset + nbytes} lie outside the "
                 f"{len(blob)}-byte body"
             )
-        if count == 0:
-            state[name] = torch.empty(shape, dtype=dtype)
-            continue
-        with warnings.catch_warnings():
-            # frombuffer warns on read-only memory; such tensors are cloned right below.
-            warnings.simplefilter("ignore", UserWarning)
-            flat = torch.frombuffer(blob, dtype=torch.uint8, count=nbytes, offset=offset)
-        tensor = flat.view(dtype).reshape(shape)
-        state[name] = tensor if writable else tensor.clone()
+        try:
+            state[name] = _tensor(blob, dtype, shape, offset, nbytes, writable=writable)
+        except (RuntimeError, ValueError) as e:
+            raise CodecError(f"tensor {name!r}: cannot be built ({e})") from e
     return state
+
+
+def _tensor(
+    blob: memoryview,
+    dtype: torch.dtype,
+    shape: list[int],
+    offset: int,
+    nbytes: int,
+    *,
+    writable: bool,
+) -> torch.Tensor:
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    with warnings.catch_warnings():
+        # frombuffer warns on read-only memory; such tensors are cloned right below.
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.frombuffer(blob, dtype=torch.uint8, count=nbytes, offset=offset)
+    tensor = flat.view(dtype).reshape(shape)
+    return tensor if writable else tensor.clone()

@@ -9,11 +9,11 @@ malformed, forged, misaddressed or duplicate message.
 from __future__ import annotations
 
 import logging
-import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 
+from relay.envelope import Envelope
 from relay.errors import InvalidInput
 from relay.messaging import Inbox, Outbox, Received
 from relay.topology import Topology
@@ -59,7 +59,7 @@ class Endpoint(ABC):
         """Verify one delivery, ack it, then act on it once it completes a message."""
         received: Received | None = None
         try:
-            received = self.inbox.receive(delivery)
+            received = self.inbox.receive(delivery, screen=self.screen)
             action = None
             if received is not None:
                 action = self.prepare(received)
@@ -94,6 +94,13 @@ class Endpoint(ABC):
             delivery, reason, dead_letter_exchange=self.topology.dead_letter_exchange
         )
 
+    def screen(self, envelope: Envelope) -> None:  # noqa: B027 - optional hook
+        """Cheap checks on every envelope, each chunk's too, before anything is stored.
+
+        Raise EnvelopeError to dead-letter it (an unknown job, a sender with no business
+        here, a chunk size other than the job's).
+        """
+
     @abstractmethod
     def prepare(self, received: Received) -> Action | None:
         """Check and decode a complete message; return the work it asks for, done after the ack.
@@ -107,6 +114,5 @@ class Endpoint(ABC):
         return None
 
     def close(self) -> None:
-        """Close the connection and remove the spool's scratch files."""
+        """Close the connection. The spool stays: a restarted endpoint resumes from it."""
         self.transport.close()
-        shutil.rmtree(self.spool / "chunks", ignore_errors=True)

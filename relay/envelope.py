@@ -15,10 +15,10 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, model_validator
 
 from relay.errors import EnvelopeError
-from relay.jobspec import Algorithm, Frozen
+from relay.jobspec import MAX_CHUNK_SIZE, MAX_SITES, NAME_PATTERN, Algorithm, Frozen
 from relay.validation import parse
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 """The only envelope schema this build reads and writes."""
 
 AGGREGATOR = "aggregator"
@@ -27,10 +27,16 @@ AGGREGATOR = "aggregator"
 EVENTS = "events"
 """Recipient of broadcast events (metrics, job state); routed as ``events.<kind>``."""
 
+MAX_PAYLOAD = 2**32 + 2**26
+"""The codec's 4 GiB of tensor bytes plus room for its header."""
+
+MAX_SAMPLES = 10**9
+"""More cases than any site holds: a larger sample count is an attempt to dominate FedAvg."""
+
 DIGEST_PATTERN = r"^[0-9a-f]{64}$"
 
 Digest = Annotated[str, Field(pattern=DIGEST_PATTERN, description="sha256, lower-case hex")]
-Party = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+Party = Annotated[str, Field(pattern=NAME_PATTERN)]
 
 
 class Kind(StrEnum):
@@ -68,7 +74,7 @@ class EnvelopeBase(Frozen):
     """Fields every envelope has."""
 
     kind: Kind
-    schema_version: int = SCHEMA_VERSION
+    schema_version: Literal[1] = SCHEMA_VERSION
     message_id: str = Field(default_factory=new_message_id, pattern=r"^[0-9a-f]{32}$")
     job_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     algorithm: Algorithm
@@ -78,10 +84,12 @@ class EnvelopeBase(Frozen):
     hop: int = Field(default=0, ge=0, description="position on the ring within a cycle")
     created_at: float = Field(default_factory=time.time, ge=0)
     payload_digest: Digest
-    payload_size: int = Field(ge=0)
+    payload_size: int = Field(ge=0, le=MAX_PAYLOAD)
     chunk_index: int = Field(default=0, ge=0)
     chunk_count: int = Field(default=1, ge=1)
-    chunk_size: int = Field(default=0, ge=0, description="bytes per chunk but the last; 0 if one")
+    chunk_size: int = Field(
+        default=0, ge=0, le=MAX_CHUNK_SIZE, description="bytes per chunk but the last; 0 if one"
+    )
     chunk_digest: Digest | None = None
     signature: str | None = None
 
@@ -119,14 +127,16 @@ class ModelEnvelope(EnvelopeBase):
 
     kind: Literal[Kind.MODEL] = Kind.MODEL
     task: Task = Task.TRAIN
-    members: int = Field(default=1, ge=1, description="ensemble members in the payload")
+    members: int = Field(
+        default=1, ge=1, le=MAX_SITES, description="ensemble members in the payload"
+    )
 
 
 class UpdateEnvelope(EnvelopeBase):
     """A site's locally trained model for a FedAvg round (payload: tensors)."""
 
     kind: Literal[Kind.UPDATE] = Kind.UPDATE
-    sample_count: int = Field(ge=1, description="training cases behind this update")
+    sample_count: int = Field(ge=1, le=MAX_SAMPLES, description="training cases behind this update")
     metrics: dict[str, float] = Field(default_factory=dict, max_length=64)
 
 
@@ -134,7 +144,7 @@ class EnsembleMemberEnvelope(EnvelopeBase):
     """A site's own model offered as an ensemble member (payload: tensors)."""
 
     kind: Literal[Kind.ENSEMBLE_MEMBER] = Kind.ENSEMBLE_MEMBER
-    sample_count: int = Field(ge=1)
+    sample_count: int = Field(ge=1, le=MAX_SAMPLES)
     metrics: dict[str, float] = Field(default_factory=dict, max_length=64)
 
 
@@ -143,7 +153,9 @@ class MetricsEnvelope(EnvelopeBase):
 
     kind: Literal[Kind.METRICS] = Kind.METRICS
     stage: Literal["received", "trained", "final"]
-    sample_count: int = Field(default=0, ge=0, description="validation cases measured")
+    sample_count: int = Field(
+        default=0, ge=0, le=MAX_SAMPLES, description="validation cases measured"
+    )
     metrics: dict[str, float] = Field(max_length=64)
 
 
@@ -187,7 +199,7 @@ def parse_envelope(data: Any) -> Envelope:
             "the sender is not speaking fedrelay's wire format"
         )
     version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if type(version) is not int or version != SCHEMA_VERSION:
         raise EnvelopeError(
             f"envelope.schema_version: got {version!r}; this node reads only version "
             f"{SCHEMA_VERSION}. Upgrade the node or the sender so both speak the same version"

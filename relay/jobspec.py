@@ -11,14 +11,31 @@ import uuid
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from relay.validation import parse
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
-"""Site and federation names: lower case, digits, ``-`` and ``_``; they become routing-key words."""
+"""Party and federation names: lower case, digits, ``-``, ``_``; they become routing-key words."""
+
+MAX_SITES = 1000
+"""Sites one job may have."""
+
+RESERVED = frozenset({"aggregator", "events"})
+"""Names with their own routes; no site may take them."""
+
+MAX_CHUNK_SIZE = 64 * 1024 * 1024
+"""Half RabbitMQ 3.x's 128 MiB message limit: room for the envelope, and a clear ceiling."""
+
+
+def _not_reserved(name: str) -> str:
+    if name in RESERVED:
+        raise ValueError(f"{name!r} is reserved for fedrelay's own routes; name the site otherwise")
+    return name
+
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+SiteName = Annotated[str, Field(pattern=NAME_PATTERN), AfterValidator(_not_reserved)]
 
 DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024
 """8 MiB: under RabbitMQ 4.x's 16 MiB default ``max_message_size``, far under 3.x's 128 MiB."""
@@ -73,13 +90,13 @@ class JobSpec(Frozen):
     job_id: str = Field(default_factory=lambda: uuid.uuid4().hex, pattern=r"^[A-Za-z0-9_-]{1,64}$")
     federation: Name = "demo"
     algorithm: Algorithm
-    sites: tuple[Name, ...] = Field(min_length=1, max_length=1000)
+    sites: tuple[SiteName, ...] = Field(min_length=1, max_length=MAX_SITES)
     rounds: int = Field(default=1, ge=1, le=100_000)
     min_sites: int | None = Field(
         default=None, ge=1, description="FedAvg quorum; None means every site"
     )
     round_timeout_s: float = Field(default=3600.0, gt=0)
-    chunk_size: int = Field(default=DEFAULT_CHUNK_SIZE, ge=1024, le=128 * 1024 * 1024)
+    chunk_size: int = Field(default=DEFAULT_CHUNK_SIZE, ge=4096, le=MAX_CHUNK_SIZE)
     seed: int = Field(default=0, ge=0)
     model: ModelSpec = ModelSpec()
     training: TrainingSpec = TrainingSpec()

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from relay.chunking import Reassembler, split
+from relay.chunking import Reassembler, split, transfer_key
 from relay.codec import digest
 from relay.envelope import Envelope, EnvelopeBase
 from relay.errors import ChunkError, EnvelopeError
@@ -130,11 +130,15 @@ class Inbox:
         self.reassembler = Reassembler(spool / "chunks")
         self._seen: set[tuple[object, ...]] = set()
 
-    def receive(self, delivery: Delivery) -> Received | None:
+    def receive(
+        self, delivery: Delivery, *, screen: Callable[[Envelope], None] | None = None
+    ) -> Received | None:
         """Check one delivery; None while chunks are missing or when it is a duplicate.
 
-        Raises InvalidInput (EnvelopeError, CodecError, ChunkError) for a message that must be
-        dead-lettered; the error's text is the reason.
+        ``screen`` checks every envelope, each chunk's included, before anything is stored
+        (known job, allowed sender); it raises EnvelopeError to refuse. Raises InvalidInput
+        (EnvelopeError, CodecError, ChunkError) for a message that must be dead-lettered; the
+        error's text is the reason. A refused chunk discards its whole transfer.
         """
         envelope, data = decode_frame(delivery.message.body)
         user_id = delivery.message.user_id
@@ -149,10 +153,17 @@ class Inbox:
                 "queue; the sender routed it wrongly"
             )
         if _dedup_key(envelope) in self._seen:
+            # Before screening: a copy of a job's last message may arrive after the job ended.
             log.info("duplicate %s from %s ignored", envelope.kind, envelope.sender)
             return None
+        if screen is not None:
+            screen(envelope)
         if envelope.is_chunked:
-            path = self.reassembler.add(envelope, data)
+            try:
+                path = self.reassembler.add(envelope, data)
+            except ChunkError:
+                self.reassembler.discard(transfer_key(envelope))
+                raise
             if path is None:
                 return None
             received = Received(envelope, _map(path), path)

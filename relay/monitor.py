@@ -54,8 +54,10 @@ class Monitor(Endpoint):
         self.on_event = on_event
 
     def prepare(self, received: Received) -> Action | None:
-        """Record metrics and control events; anything else on the events queue is ignored."""
-        envelope = received.envelope
+        """Record metrics and control events (after the ack); others are only passed on."""
+        return lambda: self._record(received.envelope)
+
+    def _record(self, envelope: Envelope) -> None:
         if isinstance(envelope, MetricsEnvelope):
             self.metrics.append(
                 MetricsEvent(
@@ -72,4 +74,3 @@ class Monitor(Endpoint):
             self.control.append(envelope)
         if self.on_event is not None:
             self.on_event(envelope)
-        return None

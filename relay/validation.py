@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from relay.errors import EnvelopeError
 
-M = TypeVar("M")
+B = TypeVar("B", bound=BaseModel)
 
 _MAX_SHOWN = 80
 
@@ -33,25 +33,15 @@ def describe(error: ValidationError, *, what: str) -> str:
     return "; ".join(lines)
 
 
-_ADAPTERS: dict[object, TypeAdapter[Any]] = {}
-
-
-def _adapter(schema: type[Any]) -> TypeAdapter[Any]:
-    adapter = _ADAPTERS.get(schema)
-    if adapter is None:
-        adapter = _ADAPTERS[schema] = TypeAdapter(schema)
-    return adapter
-
-
-def parse(schema: type[M], data: Any, *, what: str) -> M:
+def parse(schema: type[B], data: Any, *, what: str) -> B:
     """Validate ``data`` against a pydantic model; raise EnvelopeError naming each bad field."""
     try:
-        return cast(M, _adapter(schema).validate_python(data))
+        return schema.model_validate(data)
     except ValidationError as e:
         raise EnvelopeError(describe(e, what=what)) from e
 
 
-def parse_json(schema: type[BaseModel], text: str | bytes, *, what: str) -> Any:
+def parse_json(schema: type[B], text: str | bytes, *, what: str) -> B:
     """Validate JSON text against a pydantic model, with the same error style as :func:`parse`."""
     try:
         return schema.model_validate_json(text)

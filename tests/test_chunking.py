@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.chunking import Reassembler, split
+from relay.chunking import Reassembler, split, transfer_key
 from relay.codec import digest
 from relay.envelope import ModelEnvelope
 from relay.errors import ChunkError
@@ -69,7 +69,7 @@ def test_missing_chunks_are_reported_by_index(tmp_path: Path, payload: bytes) ->
     reassembler = Reassembler(tmp_path)
     for i in (0, 2, 4):
         assert reassembler.add(*chunks[i]) is None
-    message_id = chunks[0][0].message_id
+    message_id = transfer_key(chunks[0][0])
     assert reassembler.pending() == {message_id: [1, 3]}
 
 
@@ -78,7 +78,7 @@ def test_exact_duplicate_chunk_is_a_no_op(tmp_path: Path, payload: bytes) -> Non
     reassembler = Reassembler(tmp_path)
     assert reassembler.add(*chunks[0]) is None
     assert reassembler.add(*chunks[0]) is None
-    assert reassembler.missing(chunks[0][0].message_id) == [1, 2, 3, 4]
+    assert reassembler.missing(transfer_key(chunks[0][0])) == [1, 2, 3, 4]
 
 
 def test_different_chunk_under_a_used_index_is_refused(tmp_path: Path, payload: bytes) -> None:
@@ -138,7 +138,7 @@ def test_a_restarted_receiver_keeps_the_chunks_it_had(tmp_path: Path, payload: b
     for chunk in chunks[:3]:
         first.add(*chunk)
     second = Reassembler(tmp_path)
-    assert second.missing(chunks[0][0].message_id) == [3, 4]
+    assert second.missing(transfer_key(chunks[0][0])) == [3, 4]
     second.add(*chunks[3])
     complete = second.add(*chunks[4])
     assert complete is not None and complete.read_bytes() == payload

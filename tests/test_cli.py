@@ -101,3 +101,9 @@ def test_bad_options_fail_before_any_work_with_the_option_named(
     assert done.returncode == 2
     assert message in done.stderr
     assert not (tmp_path / "never").exists()
+
+
+def test_option_names_in_errors_are_spelled_as_on_the_command_line(tmp_path: Path) -> None:
+    done = run("simulate", "--local-epochs", "0", "--output", str(tmp_path / "never"))
+    assert done.returncode == 2
+    assert "--local-epochs: Input should be greater than or equal to 1 (got 0)" in done.stderr

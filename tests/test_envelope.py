@@ -74,7 +74,7 @@ def test_a_non_map_is_not_an_envelope() -> None:
 
 
 def test_frame_that_is_not_msgpack_is_refused() -> None:
-    with pytest.raises(CodecError, match="message: the header is not valid msgpack"):
+    with pytest.raises(CodecError, match="message: expected a msgpack map header first"):
         decode_frame(b"\xc1garbage")
 
 
@@ -99,8 +99,17 @@ def test_frame_without_payload_is_refused() -> None:
             "job.training.local_epochs",
         ),
         ({"sites": ["a"]}, "job.algorithm: missing"),
+        ({"algorithm": "cwt", "sites": ["a", "aggregator"]}, "'aggregator' is reserved"),
+        ({"algorithm": "cwt", "sites": ["events"]}, "'events' is reserved"),
+        ({"algorithm": "cwt", "sites": ["a"], "chunk_size": 2**30}, "job.chunk_size"),
     ],
 )
 def test_job_spec_errors_name_the_setting(spec: dict[str, Any], message: str) -> None:
     with pytest.raises(EnvelopeError, match=message):
         parse_job_spec(spec)
+
+
+def test_an_envelope_header_is_bounded_before_it_is_decoded() -> None:
+    hostile = b"\x81\xa1x\xdd" + (1_000_000).to_bytes(4, "big") + b"\x80" * 1_000_000
+    with pytest.raises(CodecError, match="within its limits"):
+        decode_frame(hostile + b"\xc6\x00\x00\x00\x00")

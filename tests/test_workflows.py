@@ -12,7 +12,7 @@ from node.models import initial_weights
 from node.simulate import Federation, SimulationConfig
 from relay.codec import digest, encode
 from relay.envelope import ModelEnvelope, to_wire
-from relay.frame import encode_frame, headers_of
+from relay.frame import decode_frame, encode_frame, headers_of
 from relay.jobspec import Algorithm
 from relay.runner import run_until
 from relay.topology import REASON_HEADER
@@ -59,7 +59,10 @@ def test_each_workflow_improves_dice_over_the_initial_model(
     federation = build.build(cfg)
     job = cfg.job()
     initial = mean_dice(
-        {s.name: s.algo.evaluate([s._reference(job)]).as_dict() for s in federation.sites}
+        {
+            name: algo.evaluate([s._reference(job)]).as_dict()
+            for s, (name, algo) in zip(federation.sites, federation.baselines.items(), strict=True)
+        }
     )
     state = federation.run(job)
     assert state.status is Status.DONE, state.reason
@@ -128,22 +131,23 @@ def test_malformed_envelopes_are_dead_lettered_and_the_site_keeps_working(
         federation, "aggregator", "site-1", msgpack.packb(bad_round) + b"\xc6\x00\x00\x00\x00"
     )
     publish_raw(federation, "site-2", "site-1", encode_frame(forged_sender, b""))
-    publish_raw(federation, "aggregator", "site-1", encode_frame(good, b"tampered"))
     # Queued ahead of the job spec: the site does not know the job yet.
     publish_raw(federation, "aggregator", "site-1", encode_frame(wrong_model, payload))
     state = federation.coordinator.submit(job, initial_weights(job.model, seed=job.seed))
-    # Queued behind the job spec: the job is known, but the model is not the job's.
+    # Queued behind the job spec: the job is known, but the payload is tampered with, or
+    # the model is not the job's.
+    publish_raw(federation, "aggregator", "site-1", encode_frame(good, b"tampered"))
     publish_raw(federation, "aggregator", "site-1", encode_frame(wrong_model, payload))
     run_until(federation.endpoints, lambda: state.finished)
     assert state.status is Status.DONE, state.reason
     dead = federation.broker.peek(federation.topology.dead_queue)
     reasons = [m.headers[REASON_HEADER] for m in dead]
     assert len(reasons) == 6, reasons
-    assert "header is not valid msgpack" in reasons[0]
+    assert "expected a msgpack map header first" in reasons[0]
     assert "envelope.round: Input should be greater than or equal to 0 (got -4)" in reasons[1]
     assert "differs from the broker user_id 'site-2'" in reasons[2]
-    assert "payload holds 8 bytes, header says 0" in reasons[3]
-    assert "is unknown to site 'site-1'; the job spec must arrive first" in reasons[4]
+    assert "is unknown to site 'site-1'; the job spec must arrive first" in reasons[3]
+    assert "payload holds 8 bytes, header says 0" in reasons[4]
     assert "do not match the job's model" in reasons[5]
     assert all(
         m.headers.get("x-first-death-queue") == federation.topology.site_queue("site-1")
@@ -168,7 +172,7 @@ def test_fedavg_below_quorum_fails_with_a_clear_reason(build: type[Federation]) 
     federation = build.build(cfg)
     state = federation.run(cfg.job(), absent=frozenset({"site-2", "site-3"}))
     assert state.status is Status.FAILED
-    assert "round 0: 1 of the 3 site updates needed arrived within 0.3 s" in state.reason
+    assert "round 0: only 1 site update(s) arrived within 0.3 s" in state.reason
     assert "['site-1']" in state.reason
 
 
@@ -188,7 +192,7 @@ def test_duplicated_messages_are_handled_once(build: type[Federation]) -> None:
     assert state.status is Status.DONE, state.reason
     trained = [m for m in federation.monitor.metrics if m.stage == "trained"]
     assert len(trained) == job.rounds * len(job.sites)
-    assert not any(e.rejected for e in federation.endpoints)
+    assert [e.rejected for e in federation.endpoints] == [[]] * len(federation.endpoints)
 
 
 def test_a_late_update_is_recorded_and_not_mixed_in(build: type[Federation]) -> None:
@@ -222,3 +226,74 @@ def test_large_models_travel_in_chunks_through_the_workflow(build: type[Federati
     logical = 1 + 3 + 3  # first hop, two more hops and the final token, three evaluations
     model_messages = sum(e.outbox.traffic.messages["model"] for e in federation.endpoints)
     assert model_messages >= 5 * logical
+
+
+def test_a_ring_token_from_the_wrong_sender_or_replayed_is_refused(build: type[Federation]) -> None:
+    cfg = config("cwt", rounds=2, local_epochs=1)
+    federation = build.build(cfg)
+    job = cfg.job()
+    state = federation.coordinator.submit(job, initial_weights(job.model, seed=job.seed))
+    first_token = federation.broker.peek(federation.topology.site_queue("site-1"))[-1]
+    run_until(federation.endpoints, lambda: state.finished)
+    assert state.status is Status.DONE, state.reason
+    envelope, payload = decode_frame(first_token.body)
+    site_1_jobs = federation.sites[0].jobs
+    assert not site_1_jobs, "a finished job leaves no state at the site"
+    # A site other than the ring's predecessor forging hop 0 of cycle 1:
+    forged = envelope.model_copy(update={"sender": "site-2", "round": 1, "message_id": "f" * 32})
+    cfg2 = config("cwt", rounds=2, local_epochs=1, seed=1)
+    job2 = cfg2.job()
+    state2 = federation.coordinator.submit(job2, initial_weights(job2.model, seed=job2.seed))
+    forged = forged.model_copy(update={"job_id": job2.job_id})
+    replay = envelope.model_copy(update={"job_id": job2.job_id, "message_id": "e" * 32})
+    federation.sites[0].poll()  # job spec
+    federation.sites[0].poll()  # the real first token: trained and sent on
+    publish_raw(federation, "site-2", "site-1", encode_frame(forged, payload))
+    publish_raw(federation, "aggregator", "site-1", encode_frame(replay, payload))
+    run_until(federation.endpoints, lambda: state2.finished)
+    assert state2.status is Status.DONE, state2.reason
+    reasons = federation.sites[0].rejected
+    assert any("must come from 'site-3', got 'site-2'" in r for r in reasons), reasons
+    assert any("cycle 0 hop 0 was already trained here" in r for r in reasons), reasons
+
+
+def test_a_ring_whose_token_never_returns_fails_at_its_deadline(build: type[Federation]) -> None:
+    cfg = config("swt", local_epochs=1, round_timeout_s=0.2)
+    federation = build.build(cfg)
+    state = federation.run(cfg.job(), absent=frozenset({"site-2"}))
+    assert state.status is Status.FAILED
+    assert "token did not come back within 0.6 s" in state.reason
+
+
+def test_a_failed_job_is_cancelled_at_every_site(build: type[Federation]) -> None:
+    cfg = config("fedavg", rounds=1, local_epochs=1, round_timeout_s=0.2)
+    federation = build.build(cfg)
+    state = federation.run(cfg.job(), absent=frozenset({"site-3"}))
+    assert state.status is Status.FAILED
+    for site in federation.sites[:2]:
+        while site.poll():
+            pass
+        assert not site.jobs and not site.algos
+
+
+def test_chunks_for_an_unknown_job_are_refused_before_being_stored(
+    build: type[Federation],
+) -> None:
+    cfg = config("swt", local_epochs=1, chunk_size=4096)
+    federation = build.build(cfg)
+    job = cfg.job()
+    payload = encode(initial_weights(job.model, seed=0))
+    sender = federation.coordinator
+    sender.outbox.send(
+        ModelEnvelope,
+        payload,
+        chunk_size=4096,
+        job_id="nobody-runs-this",
+        algorithm="swt",
+        recipient="site-1",
+    )
+    site = federation.sites[0]
+    while site.poll():
+        pass
+    assert site.rejected and all("unknown to site 'site-1'" in r for r in site.rejected)
+    assert not list((site.spool / "chunks").iterdir())

@@ -38,7 +38,7 @@ from relay.envelope import (
     Task,
     UpdateEnvelope,
 )
-from relay.errors import ConfigError, EnvelopeError
+from relay.errors import ConfigError, EnvelopeError, JobFailed, TransportError
 from relay.jobspec import Algorithm, JobSpec
 from relay.messaging import Received
 from relay.topology import Topology
@@ -130,15 +130,25 @@ class Coordinator(Endpoint):
         now = self.clock()
         job = JobState(spec, {k: v.detach().clone() for k, v in initial.items()}, started=now)
         self.jobs[spec.job_id] = job
+        try:
+            self._start(job)
+        except TransportError as e:
+            job.status, job.reason = Status.FAILED, f"could not start the job: {e}"
+            raise JobFailed(job.reason) from e
+        return job
+
+    def _start(self, job: JobState) -> None:
+        spec, now = job.spec, job.started
         spec_json = spec.model_dump_json().encode()
         for site in spec.sites:
             self._send(job, JobSpecEnvelope, spec_json, recipient=site)
         payload = encode(job.reference)
         if spec.algorithm.is_ring:
+            # Peers route the token; all the coordinator can watch is that it comes back.
+            job.deadline = now + spec.round_timeout_s * spec.rounds * len(spec.sites)
             self._send(job, ModelEnvelope, payload, recipient=spec.sites[0], round=0, hop=0)
         else:
             self._open_round(job, 0, payload)
-        return job
 
     def _send(
         self,
@@ -168,6 +178,15 @@ class Coordinator(Endpoint):
             self._send(job, ModelEnvelope, payload, recipient=site, round=round)
 
     # -- receiving -------------------------------------------------------------------------
+
+    def screen(self, envelope: Envelope) -> None:
+        """Refuse envelopes for unknown jobs, from outsiders, or cut into foreign chunk sizes."""
+        job = self._job(envelope)
+        if envelope.is_chunked and envelope.chunk_size != job.spec.chunk_size:
+            raise EnvelopeError(
+                f"envelope.chunk_size: got {envelope.chunk_size}, the job's is "
+                f"{job.spec.chunk_size}"
+            )
 
     def _job(self, envelope: Envelope) -> JobState:
         job = self.jobs.get(envelope.job_id)
@@ -204,19 +223,30 @@ class Coordinator(Endpoint):
                 or envelope.round != job.round
                 or envelope.sender in job.contributors
             ):
+                why = (
+                    "a second one from this site"
+                    if envelope.round == job.round and job.status is Status.RUNNING
+                    else f"the job was {job.status} in round {job.round}"
+                )
                 note = (
                     f"{envelope.kind} from {envelope.sender} for round {envelope.round} "
-                    f"arrived while job was {job.status} in round {job.round}; not used"
+                    f"arrived when {why}; not used"
                 )
                 return lambda: self._record_late(job, note)
             state = self._weights(job, received)
             return lambda: self._contribute(job, envelope.sender, state, envelope.sample_count)
         if isinstance(envelope, ModelEnvelope):
-            last = job.spec.sites[-1]
-            if not algorithm.is_ring or envelope.sender != last or job.status is not Status.RUNNING:
+            spec = job.spec
+            final = (spec.sites[-1], spec.rounds - 1, len(spec.sites))
+            if (
+                not algorithm.is_ring
+                or (envelope.sender, envelope.round, envelope.hop) != final
+                or job.status is not Status.RUNNING
+            ):
                 raise EnvelopeError(
-                    f"envelope: a final model is only accepted from the ring's last site "
-                    f"({last!r}) of a running swt/cwt job; got one from {envelope.sender!r}"
+                    f"envelope: the aggregator takes one model from a running ring job: from "
+                    f"{final[0]!r} after cycle {final[1]} (hop {final[2]}); got one from "
+                    f"{envelope.sender!r}, cycle {envelope.round}, hop {envelope.hop}"
                 )
             state = self._weights(job, received)
             return lambda: self._evaluate(job, [state], [envelope.sender])
@@ -287,8 +317,12 @@ class Coordinator(Endpoint):
     def _finish(self, job: JobState, status: Status, reason: str) -> None:
         job.status, job.reason, job.deadline = status, reason, None
         command = Command.JOB_DONE if status is Status.DONE else Command.JOB_FAILED
-        if reason:
+        if status is Status.FAILED:
             log.error("job %s failed: %s", job.spec.job_id, reason)
+            for site in job.spec.sites:  # so that no site keeps the job's state
+                self._send(
+                    job, ControlEnvelope, b"", recipient=site, command=Command.CANCEL, reason=reason
+                )
         self._send(
             job,
             ControlEnvelope,
@@ -310,16 +344,24 @@ class Coordinator(Endpoint):
                 missing = [s for s in job.spec.sites if s not in job.final_metrics]
                 job.late.append(f"final metrics missing from {missing} at the deadline")
                 self._finish(job, Status.DONE, "")
+            elif job.spec.algorithm.is_ring:
+                self._finish(
+                    job,
+                    Status.FAILED,
+                    f"the {job.spec.algorithm} token did not come back within "
+                    f"{job.deadline - job.started:g} s; the last hop in the events shows "
+                    "where it stopped",
+                )
             elif len(job.contributors) >= job.spec.quorum:
                 self._close_round(job, "deadline with quorum")
             else:
                 self._finish(
                     job,
                     Status.FAILED,
-                    f"round {job.round}: {len(job.contributors)} of the {job.spec.quorum} "
-                    f"site updates needed arrived within {job.spec.round_timeout_s:g} s "
-                    f"(from {sorted(job.contributors)}); check the missing sites or lower "
-                    "min_sites",
+                    f"round {job.round}: only {len(job.contributors)} site update(s) arrived "
+                    f"within {job.spec.round_timeout_s:g} s (from "
+                    f"{sorted(job.contributors)}), {job.spec.quorum} needed; check the "
+                    "missing sites or lower min_sites",
                 )
         deadlines = [j.deadline for j in self.jobs.values() if j.deadline is not None]
         return min(deadlines) if deadlines else None
