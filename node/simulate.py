@@ -41,6 +41,7 @@ from relay.jobspec import (
 from relay.monitor import Monitor
 from relay.runner import run_until
 from relay.topology import Topology
+from relay.transport import Transport
 from relay.transport.memory import MemoryBroker, MemoryTransport
 from relay.workflows.coordinator import Coordinator, JobState, Status
 
@@ -205,7 +206,8 @@ def _site_data(
 class Federation:
     """An in-process federation: one broker, the aggregator, the sites and a monitor."""
 
-    broker: MemoryBroker
+    connect: Callable[[str], Transport]
+    """Opens a broker connection as a party (a site, the aggregator, events)."""
     topology: Topology
     coordinator: Coordinator
     sites: list[SiteNode]
@@ -221,19 +223,26 @@ class Federation:
         spool: Path,
         *,
         on_event: Callable[[Envelope], None] | None = None,
+        connect: Callable[[str], Transport] | None = None,
     ) -> Federation:
-        """Generate every site's data and connect every party to a fresh in-memory broker."""
+        """Generate every site's data and connect every party to the broker ``connect``
+        reaches (by default, a fresh in-memory one)."""
         job = config.job()
         topology = Topology(job.federation, job.sites)
-        broker = MemoryBroker()
+        if connect is None:
+            broker = MemoryBroker()
+
+            def connect(user: str) -> Transport:
+                return MemoryTransport(broker, user=user)
+
         coordinator = Coordinator(
-            transport=MemoryTransport(broker, user=AGGREGATOR),
+            transport=connect(AGGREGATOR),
             topology=topology,
             spool=spool / AGGREGATOR,
         )
         coordinator.transport.declare(topology)
         monitor = Monitor(
-            transport=MemoryTransport(broker, user=EVENTS),
+            transport=connect(EVENTS),
             topology=topology,
             spool=spool / EVENTS,
             on_event=on_event,
@@ -248,7 +257,7 @@ class Federation:
                 SiteNode(
                     name=name,
                     algo_factory=factory,
-                    transport=MemoryTransport(broker, user=name),
+                    transport=connect(name),
                     topology=topology,
                     spool=spool / name,
                 )
@@ -261,7 +270,7 @@ class Federation:
                 noise=profile.noise,
                 lesion_scale=profile.lesion_scale,
             )
-        return cls(broker, topology, coordinator, sites, monitor, data, baselines)
+        return cls(connect, topology, coordinator, sites, monitor, data, baselines)
 
     @property
     def endpoints(self) -> list[Endpoint]:

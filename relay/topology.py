@@ -7,6 +7,7 @@ Names explain themselves in the RabbitMQ management UI.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,23 @@ EVENTS_MAX_LENGTH = 100_000
 
 REASON_HEADER = "x-fedrelay-reason"
 """Header on a dead-lettered message saying why it was refused."""
+
+ORIGINAL_USER_HEADER = "x-fedrelay-original-user-id"
+"""On a dead letter: who published it (RabbitMQ makes the rejecting party republish it)."""
+
+
+def dead_letter_reason(headers: Mapping[str, Any]) -> str:
+    """Why a message was dead-lettered: fedrelay's reason header, or the broker's own
+    ``x-death`` reason (``delivery_limit``, ``rejected``, ``expired``, ``maxlen``)."""
+    reason = headers.get(REASON_HEADER)
+    if isinstance(reason, bytes):
+        reason = reason.decode(errors="replace")
+    if isinstance(reason, str):
+        return reason
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], Mapping):
+        return f"broker: {deaths[0].get('reason', 'unknown')}"
+    return "unknown"
 
 
 def site_key(site: str) -> str:

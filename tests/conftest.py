@@ -10,22 +10,40 @@ import pytest
 from relay.topology import Topology
 from relay.transport import Transport
 from relay.transport.memory import MemoryBroker, MemoryTransport
+from tests.broker import TestBroker
 
 Connect = Callable[[str], Transport]
 
 
-@pytest.fixture(params=["memory"])
+@pytest.fixture(params=["memory", "amqp"])
 def connect(request: pytest.FixtureRequest) -> Iterator[Connect]:
-    """Opens connections, as a given user, to one fresh broker of the parametrised kind."""
+    """Opens connections, as a given user, to one fresh broker of the parametrised kind:
+    the in-memory broker, or a fresh vhost on the real RabbitMQ."""
     opened: list[Transport] = []
-    broker = MemoryBroker(max_message_size=1024 * 1024)
+    if request.param == "memory":
+        broker = MemoryBroker()
 
-    def open_as(user: str) -> Transport:
-        transport = MemoryTransport(broker, user=user)
-        opened.append(transport)
-        return transport
+        def open_as(user: str) -> Transport:
+            transport: Transport = MemoryTransport(broker, user=user)
+            opened.append(transport)
+            return transport
 
-    yield open_as
+        yield open_as
+    else:
+        rabbit = TestBroker()
+
+        def open_as(user: str) -> Transport:
+            transport: Transport = rabbit.connect(user)
+            opened.append(transport)
+            return transport
+
+        try:
+            yield open_as
+        finally:
+            for transport in opened:
+                transport.close()
+            rabbit.delete()
+        return
     for transport in opened:
         transport.close()
 

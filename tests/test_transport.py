@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from relay.errors import AccessRefused, MessageTooLarge, Unroutable
-from relay.topology import DELIVERY_LIMIT, REASON_HEADER, Topology, topic_matches
+from relay.topology import (
+    DELIVERY_LIMIT,
+    ORIGINAL_USER_HEADER,
+    Topology,
+    dead_letter_reason,
+    topic_matches,
+)
 from relay.transport import Delivery, Message, Transport
 from tests.conftest import Connect
 
@@ -90,7 +96,7 @@ def test_oversize_message_is_refused(connect: Connect, topology: Topology) -> No
     site.declare(topology)
     with pytest.raises(MessageTooLarge, match="chunk_size"):
         site.publish(
-            "aggregator", message("site-1", bytes(2 * 1024 * 1024)), exchange=topology.exchange
+            "aggregator", message("site-1", bytes(129 * 1024 * 1024)), exchange=topology.exchange
         )
 
 
@@ -101,7 +107,8 @@ def test_rejected_message_is_dead_lettered_with_its_reason(
     site.reject(delivery, "envelope.round: bad", dead_letter_exchange=topology.dead_letter_exchange)
     dead = connect("operator").get(topology.dead_queue, timeout=1)
     assert dead is not None
-    assert dead.message.headers[REASON_HEADER] == "envelope.round: bad"
+    assert dead_letter_reason(dead.message.headers) == "envelope.round: bad"
+    assert dead.message.headers[ORIGINAL_USER_HEADER] == "aggregator"
     assert dead.message.body == b"hello"
 
 
@@ -128,4 +135,4 @@ def test_requeued_past_the_delivery_limit_is_dead_lettered(
     assert site.get(topology.site_queue("site-1")) is None
     dead = connect("operator").get(topology.dead_queue, timeout=1)
     assert dead is not None
-    assert "delivery limit" in dead.message.headers[REASON_HEADER]
+    assert dead_letter_reason(dead.message.headers) == "broker: delivery_limit"

@@ -11,14 +11,15 @@ import pytest
 from node.models import initial_weights
 from node.simulate import Federation, SimulationConfig
 from relay.codec import digest, encode
+from relay.endpoint import Endpoint
 from relay.envelope import ModelEnvelope, to_wire
-from relay.frame import decode_frame, encode_frame, headers_of
+from relay.frame import encode_frame, headers_of
 from relay.jobspec import Algorithm
 from relay.runner import run_until
-from relay.topology import REASON_HEADER
+from relay.topology import dead_letter_reason
 from relay.transport import Message
-from relay.transport.memory import MemoryTransport
 from relay.workflows.coordinator import Status
+from tests.broker import TestBroker
 
 TINY = {"cases_per_site": 5, "volume_size": 16, "width": 4, "depth": 3, "learning_rate": 1e-2}
 
@@ -29,22 +30,43 @@ def config(algorithm: str, **overrides: object) -> SimulationConfig:
     return SimulationConfig.model_validate(settings | overrides)
 
 
-@pytest.fixture
-def build(tmp_path: Path) -> Iterator[type[Federation]]:
+@pytest.fixture(params=["memory", "amqp"])
+def build(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[type[Federation]]:
+    """Builds federations on the parametrised transport: in memory, or on real RabbitMQ."""
     built: list[Federation] = []
+    rabbit = TestBroker() if request.param == "amqp" else None
 
     class Tracked(Federation):
         @classmethod
         def build(
             cls, config: SimulationConfig, spool: Path = tmp_path, **kw: object
         ) -> Federation:  # type: ignore[override]
-            federation = Federation.build(config, spool)
+            connect = rabbit.connect if rabbit is not None else None
+            federation = Federation.build(config, spool / f"f{len(built)}", connect=connect)
             built.append(federation)
             return federation
 
     yield Tracked
     for federation in built:
         federation.close()
+    if rabbit is not None:
+        rabbit.delete()
+
+
+def drain(endpoint: Endpoint) -> None:
+    """Let one endpoint handle everything waiting for it."""
+    while endpoint.poll(timeout=0.5):
+        pass
+
+
+def dead_letters(federation: Federation) -> list[Message]:
+    """Everything in the dead-letter queue, oldest first."""
+    operator = federation.connect("operator")
+    messages = []
+    while (delivery := operator.get(federation.topology.dead_queue, timeout=0.5)) is not None:
+        messages.append(delivery.message)
+    operator.close()
+    return messages
 
 
 def mean_dice(per_site: dict[str, dict[str, float]]) -> float:
@@ -90,7 +112,7 @@ def test_ring_token_visits_sites_in_order_every_cycle(build: type[Federation]) -
 def publish_raw(
     federation: Federation, user: str, site: str, body: bytes, kind: str = "model"
 ) -> None:
-    transport = MemoryTransport(federation.broker, user=user)
+    transport = federation.connect(user)
     transport.publish(
         f"site.{site}",
         Message(body=body, type=kind, message_id="bad", correlation_id="?", user_id=user),
@@ -140,8 +162,8 @@ def test_malformed_envelopes_are_dead_lettered_and_the_site_keeps_working(
     publish_raw(federation, "aggregator", "site-1", encode_frame(wrong_model, payload))
     run_until(federation.endpoints, lambda: state.finished)
     assert state.status is Status.DONE, state.reason
-    dead = federation.broker.peek(federation.topology.dead_queue)
-    reasons = [m.headers[REASON_HEADER] for m in dead]
+    dead = dead_letters(federation)
+    reasons = [dead_letter_reason(m.headers) for m in dead]
     assert len(reasons) == 6, reasons
     assert "expected a msgpack map header first" in reasons[0]
     assert "envelope.round: Input should be greater than or equal to 0 (got -4)" in reasons[1]
@@ -213,7 +235,7 @@ def test_a_late_update_is_recorded_and_not_mixed_in(build: type[Federation]) -> 
         round=0,
         sample_count=3,
     )
-    federation.coordinator.poll()
+    assert federation.coordinator.poll(timeout=5)
     assert len(state.late) == 1 and "not used" in state.late[0]
     assert state.final[0] is final
 
@@ -233,10 +255,17 @@ def test_a_ring_token_from_the_wrong_sender_or_replayed_is_refused(build: type[F
     federation = build.build(cfg)
     job = cfg.job()
     state = federation.coordinator.submit(job, initial_weights(job.model, seed=job.seed))
-    first_token = federation.broker.peek(federation.topology.site_queue("site-1"))[-1]
     run_until(federation.endpoints, lambda: state.finished)
     assert state.status is Status.DONE, state.reason
-    envelope, payload = decode_frame(first_token.body)
+    payload = encode(initial_weights(job.model, seed=job.seed))
+    envelope = ModelEnvelope(
+        job_id=job.job_id,
+        algorithm="cwt",
+        sender="aggregator",
+        recipient="site-1",
+        payload_digest=digest(payload),
+        payload_size=len(payload),
+    )
     site_1_jobs = federation.sites[0].jobs
     assert not site_1_jobs, "a finished job leaves no state at the site"
     # A site other than the ring's predecessor forging hop 0 of cycle 1:
@@ -246,8 +275,8 @@ def test_a_ring_token_from_the_wrong_sender_or_replayed_is_refused(build: type[F
     state2 = federation.coordinator.submit(job2, initial_weights(job2.model, seed=job2.seed))
     forged = forged.model_copy(update={"job_id": job2.job_id})
     replay = envelope.model_copy(update={"job_id": job2.job_id, "message_id": "e" * 32})
-    federation.sites[0].poll()  # job spec
-    federation.sites[0].poll()  # the real first token: trained and sent on
+    assert federation.sites[0].poll(timeout=5)  # job spec
+    assert federation.sites[0].poll(timeout=5)  # the real first token: trained and sent on
     publish_raw(federation, "site-2", "site-1", encode_frame(forged, payload))
     publish_raw(federation, "aggregator", "site-1", encode_frame(replay, payload))
     run_until(federation.endpoints, lambda: state2.finished)
@@ -271,8 +300,7 @@ def test_a_failed_job_is_cancelled_at_every_site(build: type[Federation]) -> Non
     state = federation.run(cfg.job(), absent=frozenset({"site-3"}))
     assert state.status is Status.FAILED
     for site in federation.sites[:2]:
-        while site.poll():
-            pass
+        drain(site)
         assert not site.jobs and not site.algos
 
 
@@ -293,7 +321,29 @@ def test_chunks_for_an_unknown_job_are_refused_before_being_stored(
         recipient="site-1",
     )
     site = federation.sites[0]
-    while site.poll():
-        pass
+    drain(site)
     assert site.rejected and all("unknown to site 'site-1'" in r for r in site.rejected)
     assert not list((site.spool / "chunks").iterdir())
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "cwt"])
+def test_rabbitmq_and_the_embedded_broker_give_the_same_result(
+    algorithm: str, tmp_path: Path
+) -> None:
+    cfg = config(algorithm, rounds=2, local_epochs=1)
+    results = []
+    rabbit = TestBroker()
+    try:
+        for connect in (None, rabbit.connect):
+            federation = Federation.build(cfg, tmp_path / str(len(results)), connect=connect)
+            try:
+                state = federation.run(cfg.job())
+            finally:
+                federation.close()
+            assert state.status is Status.DONE, state.reason
+            results.append((state.final_metrics, encode(state.final[0])))
+    finally:
+        rabbit.delete()
+    (memory_metrics, memory_model), (amqp_metrics, amqp_model) = results
+    assert amqp_metrics == memory_metrics
+    assert digest(amqp_model) == digest(memory_model)

@@ -16,7 +16,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from relay.errors import AccessRefused, MessageTooLarge, TransportError, Unroutable
-from relay.topology import DELIVERY_LIMIT, REASON_HEADER, Topology, topic_matches
+from relay.topology import (
+    DELIVERY_LIMIT,
+    ORIGINAL_USER_HEADER,
+    REASON_HEADER,
+    Topology,
+    topic_matches,
+)
 from relay.transport import Delivery, Message, Transport
 
 DEFAULT_MAX_MESSAGE_SIZE = 128 * 1024 * 1024
@@ -86,10 +92,17 @@ class MemoryBroker:
             self._queues[name].ready.append(_Queued(message))
         self._lock.notify_all()
 
-    def _dead_letter(self, exchange: str, queue: str, item: _Queued, reason: str) -> None:
+    def _dead_letter(
+        self, exchange: str, queue: str, item: _Queued, reason: str, *, by_broker: bool = False
+    ) -> None:
         headers = dict(item.message.headers)
-        headers[REASON_HEADER] = reason
         headers["x-first-death-queue"] = queue
+        if by_broker:  # what RabbitMQ itself writes
+            headers["x-first-death-reason"] = reason
+            headers["x-death"] = [{"reason": reason, "queue": queue, "count": 1}]
+        else:  # what a rejecting fedrelay party writes
+            headers[REASON_HEADER] = reason
+            headers[ORIGINAL_USER_HEADER] = item.message.user_id or ""
         self._route(exchange, queue, replace(item.message, headers=headers))
 
 
@@ -172,7 +185,7 @@ class MemoryTransport(Transport):
         limit = arguments.get("x-delivery-limit", DELIVERY_LIMIT)
         dlx = arguments.get("x-dead-letter-exchange")
         if item.deliveries > limit and dlx is not None:
-            self.broker._dead_letter(dlx, queue, item, f"delivery limit {limit} exceeded")
+            self.broker._dead_letter(dlx, queue, item, "delivery_limit", by_broker=True)
         else:
             self.broker._queues[queue].ready.appendleft(item)
             self.broker._lock.notify_all()

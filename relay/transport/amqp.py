@@ -1,0 +1,353 @@
+"""The AMQP transport: RabbitMQ through pika, with the same semantics as the memory transport.
+
+- Publishes are persistent, mandatory and confirmed; pika's errors become fedrelay's own
+  (Unroutable, AccessRefused, MessageTooLarge, TransportError) at this edge, cause kept.
+- ``prefetch_count=1``. A queue's consumer is registered while :meth:`get` waits and
+  cancelled as soon as it hands out a delivery, so nothing else is delivered (and left
+  unacked past RabbitMQ's ``consumer_timeout``) while the node trains.
+- A background thread services the connection while the caller trains, so heartbeats never
+  lapse. pika's BlockingConnection is not thread safe: every use of it holds one lock.
+- Connection loss is survived: the connection is rebuilt with bounded, growing back-off
+  ("attempt n/N" in the log) and the operation retried. Deliveries taken on a lost
+  connection cannot be acked any more; the broker redelivers them and receivers, being
+  idempotent, drop the copies.
+- RabbitMQ's ``basic.reject`` cannot add headers, so :meth:`reject` republishes the message
+  to the dead-letter exchange with the reason in ``x-fedrelay-reason``, then acks it.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import pika
+import pika.exceptions as pe
+from pika.adapters.blocking_connection import BlockingChannel
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from relay.errors import AccessRefused, MessageTooLarge, TransportError, Unroutable
+from relay.topology import ORIGINAL_USER_HEADER, REASON_HEADER, Topology
+from relay.transport import Delivery, Message, Transport
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class BrokerSettings(BaseModel):
+    """Where and how to reach RabbitMQ, as one party."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=5672, ge=1, le=65535)
+    vhost: str = "/"
+    username: str = "guest"
+    password: SecretStr = SecretStr("guest")
+    heartbeat_s: int = Field(default=60, ge=1, le=3600)
+    reconnect_attempts: int = Field(default=8, ge=1, le=1000)
+    reconnect_delay_s: float = Field(default=0.5, gt=0, le=60)
+    reconnect_max_delay_s: float = Field(default=15.0, gt=0, le=600)
+
+    def parameters(self) -> pika.ConnectionParameters:
+        """pika's connection parameters."""
+        return pika.ConnectionParameters(
+            host=self.host,
+            port=self.port,
+            virtual_host=self.vhost,
+            credentials=pika.PlainCredentials(self.username, self.password.get_secret_value()),
+            heartbeat=self.heartbeat_s,
+            blocked_connection_timeout=300,
+            connection_attempts=1,
+        )
+
+
+def _refusal(error: pe.ChannelClosed, what: str) -> TransportError:
+    text = f"{what}: broker closed the channel ({error.reply_code} {error.reply_text})"
+    if "user_id property set to" in error.reply_text:
+        return AccessRefused(text)
+    if "larger than configured max size" in error.reply_text or "max size" in error.reply_text:
+        return MessageTooLarge(text + "; lower the job's chunk_size")
+    if error.reply_code == 403:
+        return AccessRefused(text)
+    return TransportError(text)
+
+
+class AmqpTransport(Transport):
+    """One connection to RabbitMQ as ``settings.username``."""
+
+    def __init__(self, settings: BrokerSettings) -> None:
+        self.settings = settings
+        self.user = settings.username
+        self._lock = threading.RLock()
+        self._connection: pika.BlockingConnection | None = None
+        self._channel: BlockingChannel | None = None
+        self._generation = 0
+        self._consumers: dict[str, str] = {}
+        self._ready: dict[str, collections.deque[Delivery]] = collections.defaultdict(
+            collections.deque
+        )
+        self._unacked: dict[int, int] = {}
+        self._closed = False
+        self._connect()
+        self._pump = threading.Thread(
+            target=self._service, name=f"fedrelay-heartbeat-{self.user}", daemon=True
+        )
+        self._pump.start()
+
+    # -- connection ------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        attempts = self.settings.reconnect_attempts
+        delay = self.settings.reconnect_delay_s
+        for attempt in range(1, attempts + 1):
+            try:
+                self._connection = pika.BlockingConnection(self.settings.parameters())
+                self._open_channel()
+                self._generation += 1
+                if attempt > 1:
+                    log.warning(
+                        "%s reconnected to RabbitMQ (attempt %d/%d)", self.user, attempt, attempts
+                    )
+                return
+            except (
+                pe.ProbableAuthenticationError,
+                pe.AuthenticationError,
+                pe.ProbableAccessDeniedError,
+            ) as e:
+                raise AccessRefused(
+                    f"RabbitMQ refused user {self.user!r} on vhost {self.settings.vhost!r} "
+                    f"({type(e).__name__}); check the credentials and the vhost permissions"
+                ) from e
+            except pe.AMQPConnectionError as e:
+                if attempt == attempts:
+                    raise TransportError(
+                        f"cannot reach RabbitMQ at {self.settings.host}:{self.settings.port} "
+                        f"after {attempts} attempts ({type(e).__name__}: {e})"
+                    ) from e
+                log.warning(
+                    "%s: RabbitMQ unreachable, attempt %d/%d failed (%s); retrying in %.1f s",
+                    self.user,
+                    attempt,
+                    attempts,
+                    type(e).__name__,
+                    delay,
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, self.settings.reconnect_max_delay_s)
+
+    def _open_channel(self) -> None:
+        assert self._connection is not None
+        channel = self._connection.channel()
+        channel.confirm_delivery()
+        channel.basic_qos(prefetch_count=1)
+        self._channel = channel
+        self._consumers.clear()
+        self._ready.clear()
+
+    def _drop(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        self._consumers.clear()
+        self._ready.clear()
+        if connection is not None and connection.is_open:
+            with contextlib.suppress(pe.AMQPError):  # it is being thrown away either way
+                connection.close()
+
+    def _live_channel(self) -> BlockingChannel:
+        if self._closed:
+            raise TransportError(f"connection of {self.user!r} is closed")
+        if self._connection is None or not self._connection.is_open:
+            self._drop()
+            self._connect()
+        elif self._channel is None or not self._channel.is_open:
+            self._open_channel()
+        assert self._channel is not None
+        return self._channel
+
+    def _run(self, what: str, operation: Callable[[BlockingChannel], T]) -> T:
+        """Run one pika operation; rebuild a lost connection and retry, a bounded number of
+        times; turn pika's errors into fedrelay's."""
+        attempts = self.settings.reconnect_attempts
+        with self._lock:
+            for attempt in range(1, attempts + 1):
+                channel = self._live_channel()
+                try:
+                    return operation(channel)
+                except pe.ChannelClosed as e:
+                    self._channel = None
+                    raise _refusal(e, what) from e
+                except (pe.AMQPConnectionError, pe.ChannelWrongStateError) as e:
+                    log.warning(
+                        "%s: connection lost during %s, attempt %d/%d (%s)",
+                        self.user,
+                        what,
+                        attempt,
+                        attempts,
+                        type(e).__name__,
+                    )
+                    self._drop()
+                    if attempt == attempts:
+                        raise TransportError(f"{what}: connection lost ({e})") from e
+        raise AssertionError("unreachable")
+
+    def _service(self) -> None:
+        """Keep heartbeats flowing while the caller is busy (training, decoding)."""
+        interval = max(0.2, self.settings.heartbeat_s / 4)
+        while not self._closed:
+            time.sleep(interval)
+            if not self._lock.acquire(blocking=False):
+                continue  # the caller is using the connection, which services it too
+            try:
+                if self._connection is not None and self._connection.is_open:
+                    self._connection.process_data_events(time_limit=0)
+            except pe.AMQPError as e:
+                log.warning(
+                    "%s: connection lost while idle (%s); reconnecting on next use",
+                    self.user,
+                    type(e).__name__,
+                )
+                self._drop()
+            finally:
+                self._lock.release()
+
+    # -- the interface ---------------------------------------------------------------------
+
+    def declare(self, topology: Topology) -> None:
+        """Declare exchanges, quorum queues (with delivery limit and dead-lettering), bindings."""
+
+        def declare(channel: BlockingChannel) -> None:
+            for exchange in (topology.exchange, topology.dead_letter_exchange):
+                channel.exchange_declare(exchange, exchange_type="topic", durable=True)
+            for queue in topology.queues():
+                channel.queue_declare(
+                    queue, durable=True, arguments=topology.queue_arguments(queue)
+                )
+            for queue, key in topology.bindings():
+                channel.queue_bind(queue, topology.exchange, routing_key=key)
+            channel.queue_bind(topology.dead_queue, topology.dead_letter_exchange, routing_key="#")
+
+        self._run(f"declare federation {topology.federation!r}", declare)
+
+    def publish(self, routing_key: str, message: Message, *, exchange: str) -> None:
+        """Persistent, mandatory, confirmed publish."""
+        properties = pika.BasicProperties(
+            delivery_mode=pika.DeliveryMode.Persistent,
+            content_type=message.content_type,
+            type=message.type,
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            user_id=message.user_id,
+            headers=dict(message.headers),
+            timestamp=int(time.time()),
+        )
+
+        def publish(channel: BlockingChannel) -> None:
+            try:
+                channel.basic_publish(
+                    exchange, routing_key, message.body, properties, mandatory=True
+                )
+            except pe.UnroutableError as e:
+                raise Unroutable(
+                    f"no queue is bound to routing key {routing_key!r} on {exchange!r}; "
+                    "is the recipient part of the federation?"
+                ) from e
+            except pe.NackError as e:
+                raise TransportError(f"the broker refused message {message.message_id}") from e
+
+        self._run(f"publish {message.message_id} to {routing_key!r}", publish)
+
+    def get(self, queue: str, timeout: float = 0.0) -> Delivery | None:
+        """The next delivery from ``queue`` within ``timeout`` seconds, or None."""
+        deadline = time.monotonic() + timeout
+
+        def take(channel: BlockingChannel) -> Delivery | None:
+            if queue not in self._consumers:
+                self._consumers[queue] = channel.basic_consume(
+                    queue, lambda ch, method, props, body: self._arrived(queue, method, props, body)
+                )
+            assert self._connection is not None
+            while not self._ready[queue]:
+                left = deadline - time.monotonic()
+                self._connection.process_data_events(time_limit=max(0.0, min(left, 1.0)))
+                if left <= 0:
+                    break
+            if not self._ready[queue]:
+                return None
+            delivery = self._ready[queue].popleft()
+            # Stop this queue's deliveries while the caller works on this one: with
+            # prefetch 1 and this one unacked, nothing else is in flight to us.
+            channel.basic_cancel(self._consumers.pop(queue))
+            return delivery
+
+        return self._run(f"get from {queue!r}", take)
+
+    def _arrived(self, queue: str, method: Any, props: Any, body: bytes) -> None:
+        message = Message(
+            body=body,
+            type=props.type or "",
+            message_id=props.message_id or "",
+            correlation_id=props.correlation_id or "",
+            user_id=props.user_id,
+            headers=dict(props.headers or {}),
+            content_type=props.content_type or "",
+        )
+        self._unacked[method.delivery_tag] = self._generation
+        self._ready[queue].append(
+            Delivery(message, queue, method.delivery_tag, bool(method.redelivered))
+        )
+
+    def _settle(
+        self, delivery: Delivery, what: str, act: Callable[[BlockingChannel], None]
+    ) -> None:
+        generation = self._unacked.pop(delivery.tag, None)
+        if generation != self._generation:
+            # Taken on a connection since lost: the broker has requeued it already, and the
+            # receiver will drop the redelivered copy as a duplicate.
+            log.warning(
+                "%s: cannot %s delivery %d from a lost connection; it will be redelivered",
+                self.user,
+                what,
+                delivery.tag,
+            )
+            return
+        self._run(f"{what} delivery {delivery.tag}", act)
+
+    def ack(self, delivery: Delivery) -> None:
+        """Forget the message."""
+        self._settle(delivery, "ack", lambda ch: ch.basic_ack(delivery.tag))
+
+    def reject(self, delivery: Delivery, reason: str, *, dead_letter_exchange: str) -> None:
+        """Republish to the dead-letter exchange with the reason, confirmed, then ack."""
+        headers = dict(delivery.message.headers)
+        headers[REASON_HEADER] = reason[:4000]
+        headers["x-first-death-queue"] = delivery.queue
+        headers[ORIGINAL_USER_HEADER] = delivery.message.user_id or ""
+        copy = Message(
+            body=delivery.message.body,
+            type=delivery.message.type,
+            message_id=delivery.message.message_id,
+            correlation_id=delivery.message.correlation_id,
+            user_id=self.user,
+            headers=headers,
+            content_type=delivery.message.content_type,
+        )
+        with self._lock:
+            self.publish(delivery.queue, copy, exchange=dead_letter_exchange)
+            self.ack(delivery)
+
+    def requeue(self, delivery: Delivery) -> None:
+        """Give the message back; the quorum queue counts it against the delivery limit."""
+        self._settle(delivery, "requeue", lambda ch: ch.basic_nack(delivery.tag, requeue=True))
+
+    def close(self) -> None:
+        """Close the connection; unacked deliveries return to their queues."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._drop()
