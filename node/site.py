@@ -8,13 +8,16 @@ metrics event.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 from node.models import initial_weights
 from node.trainer import SiteAlgo
 from relay.aggregation import check_compatible, unbundle
+from relay.chunking import fsync_directory
 from relay.codec import StateDict, decode, encode
 from relay.endpoint import Action, Endpoint
 from relay.envelope import (
@@ -65,6 +68,37 @@ class SiteNode(Endpoint):
         self.algos: dict[str, SiteAlgo] = {}
         self._references: dict[str, StateDict] = {}
         self._ring_position: dict[str, tuple[int, int]] = {}
+        self._jobs_dir = spool / "jobs"
+        self._jobs_dir.mkdir(parents=True, exist_ok=True)
+        self._reload_jobs()
+
+    def _reload_jobs(self) -> None:
+        # Jobs this site had accepted before a restart; their unfinished messages are in the
+        # journal and need them.
+        for path in sorted(self._jobs_dir.glob("*.json")):
+            record = json.loads(path.read_text())
+            spec = JobSpec.model_validate(record["spec"])
+            try:
+                self.algos[spec.job_id] = self.algo_factory(spec)
+            except ConfigError as e:
+                log.error("site %s cannot resume job %s: %s", self.name, spec.job_id, e)
+                continue
+            self.jobs[spec.job_id] = spec
+            if record.get("position") is not None:
+                self._ring_position[spec.job_id] = tuple(record["position"])
+
+    def _save_job(self, job_id: str) -> None:
+        record = {
+            "spec": self.jobs[job_id].model_dump(mode="json"),
+            "position": self._ring_position.get(job_id),
+        }
+        path = self._jobs_dir / f"{job_id}.json"
+        temp = path.with_suffix(".tmp")
+        temp.write_text(json.dumps(record))
+        with temp.open("rb+") as f:
+            os.fsync(f.fileno())
+        temp.replace(path)
+        fsync_directory(self._jobs_dir)
 
     def screen(self, envelope: Envelope) -> None:
         """Refuse, before anything is stored, what no site should accept from this sender."""
@@ -149,6 +183,7 @@ class SiteNode(Endpoint):
             return lambda: self._evaluate_final(job, envelope, members)
         if job.algorithm.is_ring:
             self._ring_position[job.job_id] = (envelope.round, envelope.hop)
+            self._save_job(job.job_id)
         return lambda: self._train(job, envelope, members[0])
 
     def _check_spec(self, spec: JobSpec, envelope: JobSpecEnvelope) -> None:
@@ -174,8 +209,10 @@ class SiteNode(Endpoint):
     def _add_job(self, spec: JobSpec, algo: SiteAlgo) -> None:
         self.jobs[spec.job_id] = spec
         self.algos[spec.job_id] = algo
+        self._save_job(spec.job_id)
 
     def _forget(self, job_id: str) -> None:
+        (self._jobs_dir / f"{job_id}.json").unlink(missing_ok=True)
         self.jobs.pop(job_id, None)
         self._references.pop(job_id, None)
         self._ring_position.pop(job_id, None)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from relay.envelope import Envelope
 from relay.errors import InvalidInput
-from relay.messaging import Inbox, Outbox, Received
+from relay.journal import Entry, Journal
+from relay.messaging import Inbox, Outbox, Received, dedup_key
 from relay.topology import Topology
 from relay.transport import Delivery, Transport
 
@@ -43,7 +44,8 @@ class Endpoint(ABC):
         self.topology = topology
         self.spool = spool
         self.queue = queue or topology.queue_of(name)
-        self.inbox = Inbox(owner=name, spool=spool)
+        self.journal = Journal(spool)
+        self.inbox = Inbox(owner=name, spool=spool, seen=self.journal.keys())
         self.outbox = Outbox(transport, topology, sender=name)
         self.rejected: list[str] = []
 
@@ -56,33 +58,57 @@ class Endpoint(ABC):
         return True
 
     def process(self, delivery: Delivery) -> None:
-        """Verify one delivery, ack it, then act on it once it completes a message."""
+        """Verify one delivery; persist it, ack it, then act on it (persist, ack, act)."""
         received: Received | None = None
         try:
             received = self.inbox.receive(delivery, screen=self.screen)
-            action = None
-            if received is not None:
-                action = self.prepare(received)
-                self.inbox.remember(received)
+            action = self.prepare(received) if received is not None else None
         except InvalidInput as e:
             self.refuse(delivery, str(e))
             if received is not None and received.path is not None:
                 received.path.unlink(missing_ok=True)
             return
+        entry = None
+        if received is not None:
+            entry = self.journal.persist(received, dedup_key(received.envelope))
+            self.inbox.remember(received)
         self.transport.ack(delivery)
+        if entry is not None:
+            self._act(action, entry, delivery.message.message_id)
+
+    def resume(self) -> int:
+        """Finish the work of messages acked before a crash or stop; return how many."""
+        pending = self.journal.pending()
+        for entry, received in pending:
+            log.warning(
+                "%s resumes %s from %s (round %d, hop %d) from its journal",
+                self.name,
+                received.envelope.kind,
+                received.envelope.sender,
+                received.envelope.round,
+                received.envelope.hop,
+            )
+            try:
+                action = self.prepare(received)
+            except InvalidInput as e:
+                log.error("%s drops journalled message %s: %s", self.name, entry.name, e)
+                self.rejected.append(str(e))
+                self.journal.complete(entry)
+                continue
+            self._act(action, entry, received.envelope.message_id)
+        return len(pending)
+
+    def _act(self, action: Action | None, entry: Entry, message_id: str) -> None:
         try:
             if action is not None:
                 action()
         except InvalidInput as e:
             # Found only while acting (after the ack): nothing to dead-letter any more, so the
             # refusal is logged and kept with the others; the endpoint goes on.
-            log.error(
-                "%s could not act on message %s: %s", self.name, delivery.message.message_id, e
-            )
+            log.error("%s could not act on message %s: %s", self.name, message_id, e)
             self.rejected.append(str(e))
-        finally:
-            if received is not None and received.path is not None:
-                received.path.unlink(missing_ok=True)
+        # Any other error leaves the message in the journal, to be resumed after a restart.
+        self.journal.complete(entry)
 
     def refuse(self, delivery: Delivery, reason: str) -> None:
         """Dead-letter a delivery with its reason and keep going."""

@@ -107,10 +107,11 @@ class Received:
     """The spooled payload file of a chunked message, deleted once handled."""
 
 
-def _dedup_key(envelope: Envelope) -> tuple[object, ...]:
+def dedup_key(envelope: Envelope) -> str:
+    """What makes two messages the same: a copy of a handled one is dropped."""
     task = getattr(envelope, "task", None)
     stage = getattr(envelope, "stage", None)
-    return (
+    parts = (
         envelope.job_id,
         envelope.kind,
         envelope.round,
@@ -120,15 +121,16 @@ def _dedup_key(envelope: Envelope) -> tuple[object, ...]:
         task,
         stage,
     )
+    return "|".join(str(part) for part in parts)
 
 
 class Inbox:
     """Turns deliveries addressed to ``owner`` into complete, verified, first-time messages."""
 
-    def __init__(self, *, owner: str, spool: Path) -> None:
+    def __init__(self, *, owner: str, spool: Path, seen: set[str] | None = None) -> None:
         self.owner = owner
         self.reassembler = Reassembler(spool / "chunks")
-        self._seen: set[tuple[object, ...]] = set()
+        self._seen: set[str] = set(seen or ())
 
     def receive(
         self, delivery: Delivery, *, screen: Callable[[Envelope], None] | None = None
@@ -152,7 +154,7 @@ class Inbox:
                 f"envelope.recipient is {envelope.recipient!r} but this is {self.owner!r}'s "
                 "queue; the sender routed it wrongly"
             )
-        if _dedup_key(envelope) in self._seen:
+        if dedup_key(envelope) in self._seen:
             # Before screening: a copy of a job's last message may arrive after the job ended.
             log.info("duplicate %s from %s ignored", envelope.kind, envelope.sender)
             return None
@@ -174,7 +176,7 @@ class Inbox:
 
     def remember(self, received: Received) -> None:
         """Mark a message as handled, so that a redelivery or copy of it is dropped."""
-        self._seen.add(_dedup_key(received.envelope))
+        self._seen.add(dedup_key(received.envelope))
 
 
 def _verify_whole(envelope: Envelope, data: memoryview) -> None:

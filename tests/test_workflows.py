@@ -10,11 +10,13 @@ import pytest
 
 from node.models import initial_weights
 from node.simulate import Federation, SimulationConfig
+from node.site import SiteNode
+from node.trainer import SiteAlgo
 from relay.codec import digest, encode
 from relay.endpoint import Endpoint
 from relay.envelope import ModelEnvelope, to_wire
 from relay.frame import encode_frame, headers_of
-from relay.jobspec import Algorithm
+from relay.jobspec import Algorithm, JobSpec
 from relay.runner import run_until
 from relay.topology import dead_letter_reason
 from relay.transport import Message
@@ -347,3 +349,58 @@ def test_rabbitmq_and_the_embedded_broker_give_the_same_result(
     (memory_metrics, memory_model), (amqp_metrics, amqp_model) = results
     assert amqp_metrics == memory_metrics
     assert digest(amqp_model) == digest(memory_model)
+
+
+class Crash(Exception):
+    """Stands for the process dying mid-training."""
+
+
+def test_a_site_that_crashes_mid_training_resumes_from_its_journal(
+    build: type[Federation],
+) -> None:
+    cfg = config("cwt", rounds=2, local_epochs=1)
+    federation = build.build(cfg)
+    job = cfg.job()
+    site2 = federation.sites[1]
+    factory = site2.algo_factory
+
+    def crashing_factory(spec: JobSpec) -> SiteAlgo:
+        algo = factory(spec)
+
+        class Crashing:
+            def __getattr__(self, name: str) -> object:
+                return getattr(algo, name)
+
+            def train(self, *args: object, **kwargs: object) -> object:
+                raise Crash
+
+        return Crashing()  # type: ignore[return-value]
+
+    site2.algo_factory = crashing_factory
+    state = federation.coordinator.submit(job, initial_weights(job.model, seed=job.seed))
+    with pytest.raises(Crash):
+        run_until(federation.endpoints, lambda: state.finished)
+    site2.close()  # the process is gone; the token it had acked is only in its journal
+    restarted = SiteNode(
+        name="site-2",
+        algo_factory=factory,
+        transport=federation.connect("site-2"),
+        topology=federation.topology,
+        spool=site2.spool,
+    )
+    assert restarted.jobs == {job.job_id: job}
+    assert restarted.resume() == 1
+    endpoints = [
+        federation.coordinator,
+        federation.sites[0],
+        restarted,
+        federation.sites[2],
+        federation.monitor,
+    ]
+    run_until(endpoints, lambda: state.finished)
+    federation.sites[1] = restarted
+    assert state.status is Status.DONE, state.reason
+    drain(federation.monitor)
+    trained = [(m.round, m.site) for m in federation.monitor.metrics if m.stage == "trained"]
+    assert trained == [(r, s) for r in range(2) for s in job.sites], "no hop lost or done twice"
+    assert not list((restarted.spool / "journal").iterdir())

@@ -1,0 +1,99 @@
+"""The journal: what an endpoint has acked but not yet finished, and what it has finished.
+
+"Persist, then ack, then act": a received message (envelope and payload) is written here and
+fsynced before its delivery is acked; it is deleted only once the work it asked for is done
+and that work's own messages are confirmed by the broker. A restarted endpoint finds the
+unfinished messages here and does their work again; the ledger of finished messages lets it
+drop redelivered or duplicated copies.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from relay.chunking import fsync_directory
+from relay.envelope import Envelope, parse_envelope, to_wire
+from relay.messaging import Received
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One unfinished message in the journal."""
+
+    name: str
+    key: str
+
+
+def _write(path: Path, data: bytes | memoryview) -> None:
+    with path.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class Journal:
+    """The durable record of one endpoint's unfinished and finished messages."""
+
+    def __init__(self, spool: Path) -> None:
+        self.directory = spool / "journal"
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.ledger = spool / "done.log"
+        self.done: set[str] = set()
+        if self.ledger.exists():
+            self.done = {line for line in self.ledger.read_text().splitlines() if line}
+        names = sorted(p.stem for p in self.directory.glob("*.json"))
+        self._next = int(names[-1]) + 1 if names else 0
+
+    def keys(self) -> set[str]:
+        """Dedup keys of every finished or unfinished message."""
+        return self.done | {entry.key for entry, _ in self._entries()}
+
+    def persist(self, received: Received, key: str) -> Entry:
+        """Make ``received`` durable (payload, then envelope, then the directory)."""
+        name = f"{self._next:012d}"
+        self._next += 1
+        payload = self.directory / f"{name}.payload"
+        if received.path is not None:
+            received.path.replace(payload)  # the reassembled chunks, already fsynced
+        else:
+            _write(payload, memoryview(received.payload).cast("B"))
+        record = {"key": key, "envelope": to_wire(received.envelope)}
+        temp = self.directory / f"{name}.json.tmp"
+        _write(temp, json.dumps(record).encode())
+        temp.replace(self.directory / f"{name}.json")
+        fsync_directory(self.directory)
+        return Entry(name, key)
+
+    def complete(self, entry: Entry) -> None:
+        """The message's work is done: record it in the ledger, then forget the message."""
+        with self.ledger.open("a") as f:
+            f.write(entry.key + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.done.add(entry.key)
+        (self.directory / f"{entry.name}.json").unlink(missing_ok=True)
+        (self.directory / f"{entry.name}.payload").unlink(missing_ok=True)
+
+    def _entries(self) -> list[tuple[Entry, Envelope]]:
+        entries = []
+        for path in sorted(self.directory.glob("*.json")):
+            record = json.loads(path.read_text())
+            entries.append((Entry(path.stem, record["key"]), parse_envelope(record["envelope"])))
+        return entries
+
+    def pending(self) -> list[tuple[Entry, Received]]:
+        """Unfinished messages, oldest first, with their payloads mapped from disk."""
+        out = []
+        for entry, envelope in self._entries():
+            path = self.directory / f"{entry.name}.payload"
+            with path.open("rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                payload: memoryview | mmap.mmap = (
+                    mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else memoryview(b"")
+                )
+            out.append((entry, Received(envelope, payload)))
+        return out
