@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
@@ -16,10 +17,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from node.simulate import MODEL_FILE, RESULTS_FILE, SimulationConfig, SimulationResult, simulate
-from relay.envelope import Envelope, MetricsEnvelope
-from relay.errors import FedrelayError
-from relay.jobspec import Algorithm
+from node.config import FederationConfig
+from node.config import load as load_config
+from node.models import initial_weights
+from node.operate import federation_status, submit_job, wait_for_job
+from node.process import aggregator, serve, site_node, stop_on_signals, topology_of
+from node.results import MODEL_FILE
+from node.simulate import RESULTS_FILE, SimulationConfig, SimulationResult, simulate
+from relay.envelope import AGGREGATOR, Command, Envelope, MetricsEnvelope
+from relay.errors import ConfigError, FedrelayError
+from relay.jobspec import DEFAULT_CHUNK_SIZE, Algorithm, parse_job_spec
+from relay.transport.amqp import AmqpTransport
 from relay.validation import describe
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -160,6 +168,181 @@ def _print_table(result: SimulationResult, output: Path, console: Console) -> No
             f"[yellow]{len(result.dead_letters)} message(s) dead-lettered:[/] "
             + "; ".join(result.dead_letters[:3])
         )
+
+
+# -- deployment: one process per party, over RabbitMQ -----------------------------------------
+
+config_option = click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    required=True,
+    envvar="FEDRELAY_CONFIG",
+    help="The federation file (TOML).",
+)
+
+
+def _load(config_path: Path) -> FederationConfig:
+    try:
+        return load_config(config_path)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from e
+
+
+@main.group()
+def topology() -> None:
+    """The federation's exchanges and queues on RabbitMQ."""
+
+
+@topology.command("declare")
+@config_option
+def topology_declare(config_path: Path) -> None:
+    """Declare the exchanges, quorum queues and bindings (as the aggregator; idempotent)."""
+    config = _load(config_path)
+    section = config.aggregator_section()
+    try:
+        transport = AmqpTransport(config.broker_settings(AGGREGATOR, section.password))
+        transport.declare(topology_of(config))
+        transport.close()
+    except FedrelayError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"declared federation {config.federation!r} on vhost {config.broker.vhost!r}")
+
+
+@main.group()
+def node() -> None:
+    """A site's node."""
+
+
+@node.command("run")
+@config_option
+@click.option("--site", required=True, envvar="FEDRELAY_SITE", help="This site's name.")
+def node_run(config_path: Path, site: str) -> None:
+    """Serve one site until SIGTERM/SIGINT: receive, persist, ack, train, send."""
+    config = _load(config_path)
+    stop = stop_on_signals()
+    try:
+        serve(site_node(config, site), stop)
+    except FedrelayError as e:
+        raise click.ClickException(str(e)) from e
+
+
+@main.group("aggregator")
+def aggregator_group() -> None:
+    """The aggregator (coordinator) process."""
+
+
+@aggregator_group.command("run")
+@config_option
+def aggregator_run(config_path: Path) -> None:
+    """Serve the aggregator until SIGTERM/SIGINT; finished jobs go to its output folder."""
+    config = _load(config_path)
+    stop = stop_on_signals()
+    try:
+        serve(aggregator(config), stop)
+    except FedrelayError as e:
+        raise click.ClickException(str(e)) from e
+
+
+@main.group()
+def job() -> None:
+    """Jobs of a running federation."""
+
+
+@job.command("submit")
+@config_option
+@click.option("--algorithm", type=click.Choice([a.value for a in Algorithm]), required=True)
+@click.option("--rounds", type=int, default=None, help="[default: 10; 1 for swt]")
+@click.option("--local-epochs", type=int, default=2, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--model", type=click.Choice(["unet", "segresnet"]), default="unet", show_default=True
+)
+@click.option("--width", type=int, default=8, show_default=True)
+@click.option("--depth", type=int, default=4, show_default=True)
+@click.option("--batch-size", type=int, default=2, show_default=True)
+@click.option("--learning-rate", type=float, default=1e-2, show_default=True)
+@click.option("--min-sites", type=int, default=None)
+@click.option("--round-timeout", type=float, default=3600.0, show_default=True)
+@click.option("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, show_default=True)
+@click.option("--job-id", default=None, help="[default: a new uuid]")
+@click.option("--wait", is_flag=True, help="Follow the events until the job ends.")
+def job_submit(config_path: Path, wait: bool, **options: Any) -> None:
+    """Submit a job to the aggregator; prints its id (sites run in ring order of the file)."""
+    config = _load(config_path)
+    algorithm = Algorithm(options["algorithm"])
+    spec_data: dict[str, Any] = {
+        "federation": config.federation,
+        "algorithm": algorithm,
+        "sites": list(config.sites),
+        "rounds": options["rounds"] or (1 if algorithm is Algorithm.SWT else 10),
+        "min_sites": options["min_sites"],
+        "round_timeout_s": options["round_timeout"],
+        "chunk_size": options["chunk_size"],
+        "seed": options["seed"],
+        "model": {"name": options["model"], "width": options["width"], "depth": options["depth"]},
+        "training": {
+            "local_epochs": options["local_epochs"],
+            "batch_size": options["batch_size"],
+            "learning_rate": options["learning_rate"],
+        },
+    }
+    if options["job_id"]:
+        spec_data["job_id"] = options["job_id"]
+    try:
+        spec = parse_job_spec(spec_data)
+        transport = AmqpTransport(
+            config.broker_settings(AGGREGATOR, config.aggregator_section().password)
+        )
+        submit_job(
+            transport, topology_of(config), spec, initial_weights(spec.model, seed=spec.seed)
+        )
+        click.echo(spec.job_id)
+        if wait:
+            ended = wait_for_job(transport, topology_of(config), spec.job_id)
+            transport.close()
+            click.echo(f"{ended.command}{': ' + ended.reason if ended.reason else ''}")
+            if ended.command is not Command.JOB_DONE:
+                sys.exit(1)
+        else:
+            transport.close()
+    except FedrelayError as e:
+        raise click.ClickException(str(e)) from e
+
+
+@main.command("status")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "--user",
+    default="guest",
+    show_default=True,
+    help="Management API user (needs the monitoring tag).",
+)
+@click.option("--password", default="guest", envvar="FEDRELAY_MONITOR_PASSWORD", show_default=True)
+def status_command(config_path: Path, as_json: bool, user: str, password: str) -> None:
+    """One screen: queues, consumers online, dead letters, the latest round/hop seen."""
+    config = _load(config_path)
+    try:
+        snapshot = federation_status(config, user=user, password=password)
+    except FedrelayError as e:
+        raise click.ClickException(str(e)) from e
+    if as_json:
+        click.echo(json.dumps(snapshot, indent=2))
+        return
+    table = Table(title=f"federation {config.federation} on vhost {config.broker.vhost}")
+    for column in ("queue", "ready", "unacked", "consumers"):
+        table.add_column(column, justify="left" if column == "queue" else "right")
+    for queue in snapshot["queues"]:
+        table.add_row(
+            queue["name"], str(queue["ready"]), str(queue["unacked"]), str(queue["consumers"])
+        )
+    console = Console()
+    console.print(table)
+    console.print(f"dead letters: {snapshot['dead_letters']}")
+    if snapshot["last_event"]:
+        console.print(f"latest event: {snapshot['last_event']}")
 
 
 if __name__ == "__main__":

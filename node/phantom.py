@@ -220,3 +220,18 @@ def generate_cases(
 
     labels = torch.stack((whole, core, enhancing), dim=1).float()
     return images.float().contiguous(), labels.contiguous()
+
+
+def federation_site(
+    *, seed: int, index: int, sites: int, cases_per_site: int, size: int
+) -> tuple[SiteProfile, torch.Tensor, torch.Tensor]:
+    """Phantom site ``index`` of a federation of ``sites``: its profile, images and labels.
+
+    The same arguments give the same data in any process, so a site process and the
+    in-process simulation of the same federation train on identical cases.
+    """
+    if not 0 <= index < sites:
+        raise ConfigError(f"phantom site index {index} is outside 0..{sites - 1}")
+    profile = site_profiles(sites, seed=seed, cases_per_site=cases_per_site)[index]
+    images, labels = generate_cases(profile, size=size, seed=seed * 1000 + index)
+    return profile, images, labels

@@ -8,7 +8,6 @@ envelopes a RabbitMQ deployment carries, so what works here works there.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -18,15 +17,12 @@ from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from safetensors.torch import save_file
 
 from node.models import initial_weights
-from node.phantom import SiteProfile, generate_cases, site_profiles
-from node.site import AlgoFactory, SiteNode
-from node.trainer import SegmentationTrainer, SiteAlgo
-from relay.aggregation import bundle
-from relay.chunking import file_digest
-from relay.codec import StateDict
+from node.phantom import SiteProfile, federation_site
+from node.results import MODEL_FILE, save_model
+from node.site import SiteNode
+from node.trainer import SiteAlgo, trainer_factory
 from relay.endpoint import Endpoint
 from relay.envelope import AGGREGATOR, EVENTS, Envelope
 from relay.errors import JobFailed
@@ -46,7 +42,6 @@ from relay.transport.memory import MemoryBroker, MemoryTransport
 from relay.workflows.coordinator import Coordinator, JobState, Status
 
 RESULTS_FILE = "results.json"
-MODEL_FILE = "model.safetensors"
 
 
 class SimulationConfig(BaseModel):
@@ -178,28 +173,22 @@ def weighted_overall(
     return {k: sum(per_site[s].get(k, 0.0) * counts[s] for s in per_site) / total for k in keys}
 
 
-def _trainer_factory(images: torch.Tensor, labels: torch.Tensor, *, seed: int) -> AlgoFactory:
-    """A site's trainers: one per job, on this site's cases, with the job's model and settings."""
-
-    def make(job: JobSpec) -> SiteAlgo:
-        return SegmentationTrainer(
-            model=job.model, training=job.training, images=images, labels=labels, seed=seed
-        )
-
-    return make
-
-
 def _site_data(
     config: SimulationConfig,
 ) -> list[tuple[str, SiteProfile, torch.Tensor, torch.Tensor]]:
-    profiles = site_profiles(config.sites, seed=config.seed, cases_per_site=config.cases_per_site)
-    out = []
-    for i, (name, profile) in enumerate(zip(config.site_names(), profiles, strict=True)):
-        images, labels = generate_cases(
-            profile, size=config.volume_size, seed=config.seed * 1000 + i
+    return [
+        (
+            name,
+            *federation_site(
+                seed=config.seed,
+                index=i,
+                sites=config.sites,
+                cases_per_site=config.cases_per_site,
+                size=config.volume_size,
+            ),
         )
-        out.append((name, profile, images, labels))
-    return out
+        for i, name in enumerate(config.site_names())
+    ]
 
 
 @dataclass
@@ -251,7 +240,7 @@ class Federation:
         data: dict[str, SiteData] = {}
         baselines: dict[str, SiteAlgo] = {}
         for name, profile, images, labels in _site_data(config):
-            factory = _trainer_factory(images, labels, seed=config.seed)
+            factory = trainer_factory(images, labels, seed=config.seed)
             algo = baselines[name] = factory(job)
             sites.append(
                 SiteNode(
@@ -337,7 +326,7 @@ def _write_results(
     data = federation.data
     counts = {name: d.validation_cases for name, d in data.items()}
     model_file, model_digest = (
-        _save_model(state, output) if state.status is Status.DONE else (None, None)
+        save_model(state, output) if state.status is Status.DONE else (None, None)
     )
     endpoints = federation.endpoints
     traffic = [e.outbox.traffic for e in endpoints]
@@ -377,15 +366,3 @@ def _sum_counters(counters: list[dict[str, int]]) -> dict[str, int]:
         for key, value in counter.items():
             total[key] = total.get(key, 0) + value
     return dict(sorted(total.items()))
-
-
-def _save_model(state: JobState, output: Path) -> tuple[str, str]:
-    """The final model (or ensemble, members prefixed ``member<i>.``) as safetensors."""
-    weights: StateDict = bundle(state.final) if len(state.final) > 1 else state.final[0]
-    metadata = {
-        "fedrelay_job": state.spec.model_dump_json(),
-        "members": json.dumps(state.final_sites),
-    }
-    path = output / MODEL_FILE
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(path), metadata=metadata)
-    return MODEL_FILE, file_digest(path)

@@ -36,7 +36,7 @@ from relay.envelope import (
 )
 from relay.errors import ConfigError, EnvelopeError
 from relay.jobspec import Algorithm, JobSpec
-from relay.messaging import Received
+from relay.messaging import Received, check_chunking
 from relay.topology import Topology
 from relay.transport import Transport
 from relay.validation import parse_json
@@ -114,10 +114,7 @@ class SiteNode(Endpoint):
                 f"envelope.job_id: {envelope.job_id!r} is unknown to site {self.name!r}; the "
                 "job spec must arrive first (was it submitted to this federation?)"
             )
-        if envelope.is_chunked and envelope.chunk_size != job.chunk_size:
-            raise EnvelopeError(
-                f"envelope.chunk_size: got {envelope.chunk_size}, the job's is {job.chunk_size}"
-            )
+        check_chunking(envelope, job.chunk_size)
         if isinstance(envelope, ModelEnvelope):
             self._check_route(job, envelope)
         elif not isinstance(envelope, ControlEnvelope) or envelope.sender != AGGREGATOR:

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -21,7 +21,7 @@ from node.models import build_model
 from node.phantom import REGIONS
 from relay.codec import StateDict
 from relay.errors import ConfigError, InvalidInput
-from relay.jobspec import ModelSpec, TrainingSpec
+from relay.jobspec import JobSpec, ModelSpec, TrainingSpec
 
 _THRESHOLD = 0.5
 
@@ -299,3 +299,16 @@ def _random_flip(
     if not axes:
         return images, labels
     return images.flip(axes), labels.flip(axes)
+
+
+def trainer_factory(
+    images: torch.Tensor, labels: torch.Tensor, *, seed: int
+) -> Callable[[JobSpec], SiteAlgo]:
+    """A site's trainers: one per job, on this site's cases, with the job's model and settings."""
+
+    def make(job: JobSpec) -> SiteAlgo:
+        return SegmentationTrainer(
+            model=job.model, training=job.training, images=images, labels=labels, seed=seed
+        )
+
+    return make

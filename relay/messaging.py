@@ -107,6 +107,19 @@ class Received:
     """The spooled payload file of a chunked message, deleted once handled."""
 
 
+def check_chunking(envelope: Envelope, chunk_size: int) -> None:
+    """Refuse a message cut otherwise than its job says: oversize, or foreign chunk sizes."""
+    if envelope.is_chunked and envelope.chunk_size != chunk_size:
+        raise EnvelopeError(
+            f"envelope.chunk_size: got {envelope.chunk_size}, the job's is {chunk_size}"
+        )
+    if not envelope.is_chunked and envelope.payload_size > chunk_size:
+        raise EnvelopeError(
+            f"envelope.payload_size: oversize, {envelope.payload_size} bytes in one message; "
+            f"the job sends at most {chunk_size} bytes a message, in chunks"
+        )
+
+
 def dedup_key(envelope: Envelope) -> str:
     """What makes two messages the same: a copy of a handled one is dropped."""
     task = getattr(envelope, "task", None)

@@ -404,3 +404,27 @@ def test_a_site_that_crashes_mid_training_resumes_from_its_journal(
     trained = [(m.round, m.site) for m in federation.monitor.metrics if m.stage == "trained"]
     assert trained == [(r, s) for r in range(2) for s in job.sites], "no hop lost or done twice"
     assert not list((restarted.spool / "journal").iterdir())
+
+
+def test_an_oversize_message_is_dead_lettered_and_the_site_keeps_working(
+    build: type[Federation],
+) -> None:
+    cfg = config("fedavg", rounds=1, local_epochs=1, chunk_size=4096)
+    federation = build.build(cfg)
+    job = cfg.job()
+    state = federation.coordinator.submit(job, initial_weights(job.model, seed=job.seed))
+    payload = bytes(5000)  # more than the job's 4096 bytes a message, unchunked
+    oversize = ModelEnvelope(
+        job_id=job.job_id,
+        algorithm="fedavg",
+        sender="aggregator",
+        recipient="site-1",
+        payload_digest=digest(payload),
+        payload_size=len(payload),
+        round=7,
+    )
+    publish_raw(federation, "aggregator", "site-1", encode_frame(oversize, payload))
+    run_until(federation.endpoints, lambda: state.finished)
+    assert state.status is Status.DONE, state.reason
+    reasons = [dead_letter_reason(m.headers) for m in dead_letters(federation)]
+    assert len(reasons) == 1 and "oversize, 5000 bytes in one message" in reasons[0]

@@ -304,18 +304,27 @@ class AmqpTransport(Transport):
     def _settle(
         self, delivery: Delivery, what: str, act: Callable[[BlockingChannel], None]
     ) -> None:
-        generation = self._unacked.pop(delivery.tag, None)
-        if generation != self._generation:
-            # Taken on a connection since lost: the broker has requeued it already, and the
-            # receiver will drop the redelivered copy as a duplicate.
-            log.warning(
-                "%s: cannot %s delivery %d from a lost connection; it will be redelivered",
-                self.user,
-                what,
-                delivery.tag,
-            )
-            return
-        self._run(f"{what} delivery {delivery.tag}", act)
+        with self._lock:
+            generation = self._unacked.pop(delivery.tag, None)
+            channel = self._channel
+            if generation == self._generation and channel is not None and channel.is_open:
+                try:
+                    act(channel)
+                    return
+                except pe.ChannelClosed as e:
+                    self._channel = None
+                    raise _refusal(e, f"{what} delivery {delivery.tag}") from e
+                except (pe.AMQPConnectionError, pe.ChannelWrongStateError):
+                    self._drop()
+        # Taken on a connection since lost: the broker requeues it by itself, and the receiver
+        # drops the redelivered copy as a duplicate. Never retried on a new connection, where
+        # the tag would name another message or none.
+        log.warning(
+            "%s: cannot %s delivery %d, its connection is gone; the broker will redeliver it",
+            self.user,
+            what,
+            delivery.tag,
+        )
 
     def ack(self, delivery: Delivery) -> None:
         """Forget the message."""

@@ -40,9 +40,10 @@ from relay.envelope import (
 )
 from relay.errors import ConfigError, EnvelopeError, JobFailed, TransportError
 from relay.jobspec import Algorithm, JobSpec
-from relay.messaging import Received
+from relay.messaging import Received, check_chunking
 from relay.topology import Topology
 from relay.transport import Transport
+from relay.validation import parse_json
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +106,13 @@ class Coordinator(Endpoint):
         topology: Topology,
         spool: Path,
         clock: Callable[[], float] = time.time,
+        on_finish: Callable[[JobState], None] | None = None,
     ) -> None:
         super().__init__(name=AGGREGATOR, transport=transport, topology=topology, spool=spool)
         self.clock = clock
+        self.on_finish = on_finish
         self.jobs: dict[str, JobState] = {}
+        self._submitted: dict[str, JobSpec] = {}
 
     # -- starting --------------------------------------------------------------------------
 
@@ -181,12 +185,49 @@ class Coordinator(Endpoint):
 
     def screen(self, envelope: Envelope) -> None:
         """Refuse envelopes for unknown jobs, from outsiders, or cut into foreign chunk sizes."""
+        if envelope.sender == AGGREGATOR:
+            self._screen_submission(envelope)
+            return
         job = self._job(envelope)
-        if envelope.is_chunked and envelope.chunk_size != job.spec.chunk_size:
-            raise EnvelopeError(
-                f"envelope.chunk_size: got {envelope.chunk_size}, the job's is "
-                f"{job.spec.chunk_size}"
-            )
+        check_chunking(envelope, job.spec.chunk_size)
+
+    # -- jobs submitted through the broker (``fedrelay job submit``) ------------------------
+
+    def _screen_submission(self, envelope: Envelope) -> None:
+        if envelope.job_id in self.jobs:
+            raise EnvelopeError(f"job {envelope.job_id} was already submitted")
+        if isinstance(envelope, JobSpecEnvelope):
+            return
+        if isinstance(envelope, ModelEnvelope) and envelope.job_id in self._submitted:
+            if envelope.chunk_size not in (0, self._submitted[envelope.job_id].chunk_size):
+                raise EnvelopeError("envelope.chunk_size: differs from the job's chunk_size")
+            return
+        raise EnvelopeError(
+            f"envelope: a submission is a job spec, then its initial model; got {envelope.kind} "
+            f"for job {envelope.job_id}"
+        )
+
+    def _prepare_submission(self, received: Received) -> Action:
+        envelope = received.envelope
+        if isinstance(envelope, JobSpecEnvelope):
+            spec = parse_json(JobSpec, bytes(received.payload), what="job")
+            if spec.job_id != envelope.job_id:
+                raise EnvelopeError(f"job.job_id {spec.job_id!r} differs from the envelope's")
+            return lambda: self._submitted.__setitem__(spec.job_id, spec)
+        spec = self._submitted[envelope.job_id]
+        initial = decode(received.payload)
+        bad = [n for n, t in initial.items() if t.is_floating_point() and not t.isfinite().all()]
+        if bad:
+            raise EnvelopeError(f"initial model: tensors {bad[:5]} hold NaN or infinite values")
+        return lambda: self._start_submitted(spec, initial)
+
+    def _start_submitted(self, spec: JobSpec, initial: StateDict) -> None:
+        del self._submitted[spec.job_id]
+        try:
+            self.submit(spec, initial)
+        except ConfigError as e:
+            log.error("job %s refused: %s", spec.job_id, e)
+            self.rejected.append(str(e))
 
     def _job(self, envelope: Envelope) -> JobState:
         job = self.jobs.get(envelope.job_id)
@@ -208,6 +249,8 @@ class Coordinator(Endpoint):
     def prepare(self, received: Received) -> Action | None:
         """Check an update, member, final token or final metrics; return what to do with it."""
         envelope = received.envelope
+        if envelope.sender == AGGREGATOR:
+            return self._prepare_submission(received)
         job = self._job(envelope)
         algorithm = job.spec.algorithm
         if isinstance(envelope, UpdateEnvelope | EnsembleMemberEnvelope):
@@ -323,6 +366,8 @@ class Coordinator(Endpoint):
                 self._send(
                     job, ControlEnvelope, b"", recipient=site, command=Command.CANCEL, reason=reason
                 )
+        if self.on_finish is not None:
+            self.on_finish(job)
         self._send(
             job,
             ControlEnvelope,

@@ -1,0 +1,146 @@
+"""The federation file (TOML), validated by pydantic, with ``FEDRELAY_*`` overrides.
+
+Every process of a federation reads the same kind of file; each uses its own section (a site
+its ``[sites.<name>]``, the aggregator its ``[aggregator]``). Any setting can be overridden
+from the environment: ``FEDRELAY_BROKER__HOST=10.0.0.5`` sets ``broker.host``, and
+``FEDRELAY_SITES__SITE_1__SPOOL`` sets ``sites.site_1.spool`` (``__`` separates levels;
+names are matched case-insensitively with ``_`` standing for ``-``). Errors name the key and
+where it came from, at start-up.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from relay.errors import ConfigError
+from relay.jobspec import NAME_PATTERN, SiteName
+from relay.transport.amqp import BrokerSettings
+from relay.validation import describe
+
+ENV_PREFIX = "FEDRELAY_"
+
+
+class Section(BaseModel):
+    """Base of the file's sections: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Broker(Section):
+    """Where the federation's RabbitMQ is."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=5672, ge=1, le=65535)
+    vhost: str = "/"
+    management_url: str = "http://127.0.0.1:15672"
+    heartbeat_s: int = Field(default=60, ge=1, le=3600)
+
+
+class PhantomData(Section):
+    """Generated brain-tumour phantom data: this site is phantom site ``index`` of ``of``."""
+
+    kind: Literal["phantom"] = "phantom"
+    seed: int = Field(default=0, ge=0)
+    index: int = Field(ge=0)
+    of: int = Field(ge=1, description="how many phantom sites the seed's profiles spread over")
+    cases_per_site: int = Field(default=10, ge=4)
+    volume_size: int = Field(default=32, ge=16, le=256)
+
+
+class Party(Section):
+    """A party's broker password and its durable spool folder."""
+
+    password: SecretStr
+    spool: Path
+
+
+class Site(Party):
+    """One site: credentials, spool, and where its data comes from."""
+
+    data: PhantomData
+
+
+class Aggregator(Party):
+    """The aggregator: credentials, spool, and where finished jobs' results are written."""
+
+    output: Path
+
+
+class FederationConfig(Section):
+    """A whole federation file."""
+
+    federation: str = Field(pattern=NAME_PATTERN)
+    broker: Broker = Broker()
+    aggregator: Aggregator | None = None
+    sites: dict[SiteName, Site | None] = Field(min_length=1)
+
+    def broker_settings(self, user: str, password: SecretStr) -> BrokerSettings:
+        """Connection settings for ``user``."""
+        return BrokerSettings(
+            host=self.broker.host,
+            port=self.broker.port,
+            vhost=self.broker.vhost,
+            username=user,
+            password=password,
+            heartbeat_s=self.broker.heartbeat_s,
+        )
+
+    def site(self, name: str) -> Site:
+        """This file's section for site ``name``; ConfigError if it has none."""
+        section = self.sites.get(name, ...)
+        if section is ...:
+            raise ConfigError(f"site {name!r} is not in the federation; sites: {list(self.sites)}")
+        if section is None:
+            raise ConfigError(
+                f"sites.{name}: this file has no settings for {name!r}; add "
+                f"[sites.{name}] with password, spool and data"
+            )
+        return section
+
+    def aggregator_section(self) -> Aggregator:
+        """The aggregator's section; ConfigError if missing."""
+        if self.aggregator is None:
+            raise ConfigError("aggregator: missing; add [aggregator] with password, spool, output")
+        return self.aggregator
+
+
+def _overrides(environ: Mapping[str, str], data: dict[str, Any]) -> list[str]:
+    """Apply FEDRELAY_* variables onto ``data``; return where each came from."""
+    applied = []
+    for variable, value in sorted(environ.items()):
+        if not variable.startswith(ENV_PREFIX):
+            continue
+        path = [part.lower() for part in variable.removeprefix(ENV_PREFIX).split("__")]
+        node = data
+        for part in path[:-1]:
+            match = next((k for k in node if k.replace("-", "_") == part), part)
+            child = node.setdefault(match, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{variable}: {'.'.join(path)} is not a section")
+            node = child
+        leaf = next((k for k in node if k.replace("-", "_") == path[-1]), path[-1])
+        node[leaf] = value
+        applied.append(variable)
+    return applied
+
+
+def load(path: Path, environ: Mapping[str, str] | None = None) -> FederationConfig:
+    """Read and validate a federation file; ConfigError names every bad key."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise ConfigError(f"federation file {path} does not exist") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from e
+    applied = _overrides(os.environ if environ is None else environ, data)
+    try:
+        return FederationConfig.model_validate(data)
+    except ValidationError as e:
+        source = f"{path}" + (f" with {', '.join(applied)}" if applied else "")
+        raise ConfigError(f"{source}: {describe(e, what='config')}") from e

@@ -1,0 +1,97 @@
+"""Long-running processes: a site node and the aggregator, each its own OS process.
+
+Each process connects to RabbitMQ as its own broker user, resumes whatever its journal holds,
+then serves its queue until SIGTERM or SIGINT, finishing the message in hand before it stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from types import FrameType
+
+from node.config import FederationConfig
+from node.phantom import federation_site
+from node.results import write_job
+from node.site import SiteNode
+from node.trainer import trainer_factory
+from relay.endpoint import Endpoint
+from relay.envelope import AGGREGATOR
+from relay.topology import Topology
+from relay.transport.amqp import AmqpTransport
+from relay.workflows.coordinator import Coordinator, JobState
+
+log = logging.getLogger(__name__)
+
+POLL_S = 1.0
+"""How long one wait for a message lasts; deadlines and stop requests are checked between."""
+
+
+def topology_of(config: FederationConfig) -> Topology:
+    """The federation's broker topology."""
+    return Topology(config.federation, tuple(config.sites))
+
+
+def site_node(config: FederationConfig, name: str) -> SiteNode:
+    """Site ``name``'s node, connected, with its data loaded."""
+    section = config.site(name)
+    data = section.data
+    _, images, labels = federation_site(
+        seed=data.seed,
+        index=data.index,
+        sites=data.of,
+        cases_per_site=data.cases_per_site,
+        size=data.volume_size,
+    )
+    transport = AmqpTransport(config.broker_settings(name, section.password))
+    return SiteNode(
+        name=name,
+        algo_factory=trainer_factory(images, labels, seed=data.seed),
+        transport=transport,
+        topology=topology_of(config),
+        spool=section.spool,
+    )
+
+
+def aggregator(config: FederationConfig) -> Coordinator:
+    """The aggregator, connected; finished jobs are written under its ``output`` folder."""
+    section = config.aggregator_section()
+    output = section.output
+
+    def finished(job: JobState) -> None:
+        folder = write_job(job, output)
+        log.info("job %s %s; results in %s", job.spec.job_id, job.status, folder)
+
+    transport = AmqpTransport(config.broker_settings(AGGREGATOR, section.password))
+    return Coordinator(
+        transport=transport, topology=topology_of(config), spool=section.spool, on_finish=finished
+    )
+
+
+def serve(endpoint: Endpoint, stop: threading.Event) -> None:
+    """Resume the journal, then handle messages until ``stop`` is set."""
+    resumed = endpoint.resume()
+    if resumed:
+        log.warning(
+            "%s finished %d message(s) left from before its restart", endpoint.name, resumed
+        )
+    log.info("%s serving %s", endpoint.name, endpoint.queue)
+    while not stop.is_set():
+        endpoint.poll(timeout=POLL_S)
+        endpoint.tick(time.time())
+    endpoint.close()
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM or SIGINT (systemd's stop, Ctrl-C)."""
+    stop = threading.Event()
+
+    def handle(number: int, _frame: FrameType | None) -> None:
+        log.warning("signal %d: stopping after the current message", number)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    return stop

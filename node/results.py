@@ -1,0 +1,58 @@
+"""Writing a finished job's results: the final model as safetensors, and a JSON record."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from relay.aggregation import bundle
+from relay.chunking import file_digest
+from relay.codec import StateDict
+from relay.workflows.coordinator import JobState, Status
+
+MODEL_FILE = "model.safetensors"
+JOB_FILE = "job.json"
+
+
+def save_model(state: JobState, output: Path) -> tuple[str, str]:
+    """The final model (an ensemble's members prefixed ``member<i>.``) as safetensors.
+
+    Returns the file's name and its sha256. The metadata holds the job spec
+    (``fedrelay_job``) and the member sites (``members``).
+    """
+    weights: StateDict = bundle(state.final) if len(state.final) > 1 else state.final[0]
+    metadata = {
+        "fedrelay_job": state.spec.model_dump_json(),
+        "members": json.dumps(state.final_sites),
+    }
+    path = output / MODEL_FILE
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(path), metadata=metadata)
+    return MODEL_FILE, file_digest(path)
+
+
+def write_job(state: JobState, output: Path) -> Path:
+    """``output/<job id>/job.json`` (and the model, if the job is done); returns the folder."""
+    folder = output / state.spec.job_id
+    folder.mkdir(parents=True, exist_ok=True)
+    model_file, model_digest = (
+        save_model(state, folder) if state.status is Status.DONE else (None, None)
+    )
+    record = {
+        "status": str(state.status),
+        "reason": state.reason,
+        "job": state.spec.model_dump(mode="json"),
+        "final": state.final_metrics,
+        "final_counts": state.final_counts,
+        "rounds": [asdict(r) for r in state.rounds],
+        "late": state.late,
+        "members": state.final_sites,
+        "model_file": model_file,
+        "model_sha256": model_digest,
+    }
+    temp = folder / f"{JOB_FILE}.tmp"
+    temp.write_text(json.dumps(record, indent=2) + "\n")
+    temp.replace(folder / JOB_FILE)
+    return folder

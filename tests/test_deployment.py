@@ -1,0 +1,273 @@
+"""A federation as deployed: one OS process per site and the aggregator, over real RabbitMQ."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from node.simulate import Federation, SimulationConfig
+from relay.workflows.coordinator import Status
+from tests.broker import HOST, PASSWORD, TestBroker
+
+FEDRELAY = str(Path(sys.executable).parent / "fedrelay")
+SITES = ("site-1", "site-2", "site-3")
+DATA = {"cases_per_site": 5, "volume_size": 16}
+MODEL = {"width": 4, "depth": 3}
+
+
+@dataclass
+class Deployment:
+    """Processes of one federation, with their logs."""
+
+    broker: TestBroker
+    root: Path
+    config: Path
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start(self, party: str) -> None:
+        args = ["aggregator", "run"] if party == "aggregator" else ["node", "run", "--site", party]
+        log = (self.root / f"{party}.log").open("ab")
+        self.processes[party] = subprocess.Popen(
+            [FEDRELAY, "-v", *args, "-c", str(self.config)], stdout=log, stderr=log
+        )
+
+    def log(self, party: str) -> str:
+        return (self.root / f"{party}.log").read_text(errors="replace")
+
+    def submit(self, *args: str, timeout: float = 240) -> str:
+        done = subprocess.run(
+            [FEDRELAY, "job", "submit", "-c", str(self.config), *args, "--wait"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr + self.log("aggregator")
+        return done.stdout.split()[0]
+
+    def result(self, job_id: str) -> dict[str, object]:
+        path = self.root / "results" / job_id / "job.json"
+        for _ in range(100):
+            if path.exists():
+                break
+            time.sleep(0.1)
+        record: dict[str, object] = json.loads(path.read_text())
+        return record
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def write_config(root: Path, broker: TestBroker) -> Path:
+    for party in ("aggregator", *SITES):
+        broker.settings(party)  # creates the broker user
+    lines = [
+        'federation = "deploy"',
+        "[broker]",
+        f'host = "{HOST}"',
+        f'vhost = "{broker.vhost}"',
+        "heartbeat_s = 10",
+        "[aggregator]",
+        f'password = "{PASSWORD}"',
+        f'spool = "{root / "spool" / "aggregator"}"',
+        f'output = "{root / "results"}"',
+    ]
+    for index, site in enumerate(SITES):
+        lines += [
+            f"[sites.{site}]",
+            f'password = "{PASSWORD}"',
+            f'spool = "{root / "spool" / site}"',
+            f"[sites.{site}.data]",
+            f"index = {index}",
+            f"of = {len(SITES)}",
+            f"cases_per_site = {DATA['cases_per_site']}",
+            f"volume_size = {DATA['volume_size']}",
+        ]
+    path = root / "federation.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    root = tmp_path_factory.mktemp("deployment")
+    broker = TestBroker()
+    deployment = Deployment(broker, root, write_config(root, broker))
+    declared = subprocess.run(
+        [FEDRELAY, "topology", "declare", "-c", str(deployment.config)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert declared.returncode == 0, declared.stderr
+    for party in ("aggregator", *SITES):
+        deployment.start(party)
+    try:
+        yield deployment
+    finally:
+        deployment.stop()
+        broker.delete()
+
+
+def job_args(algorithm: str, rounds: int, epochs: int = 1) -> list[str]:
+    return [
+        "--algorithm",
+        algorithm,
+        "--rounds",
+        str(rounds),
+        "--local-epochs",
+        str(epochs),
+        "--width",
+        str(MODEL["width"]),
+        "--depth",
+        str(MODEL["depth"]),
+    ]
+
+
+def simulated(algorithm: str, rounds: int, tmp_path: Path) -> dict[str, dict[str, float]]:
+    config = SimulationConfig(
+        algorithm=algorithm, sites=len(SITES), rounds=rounds, local_epochs=1, **DATA, **MODEL
+    )
+    federation = Federation.build(config, tmp_path)
+    try:
+        state = federation.run(config.job())
+    finally:
+        federation.close()
+    assert state.status is Status.DONE
+    return state.final_metrics
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "rounds"), [("fedavg", 2), ("ensemble", 1), ("swt", 1), ("cwt", 2)]
+)
+def test_site_processes_complete_each_workflow_with_the_simulations_dice(
+    deployment: Deployment, algorithm: str, rounds: int, tmp_path: Path
+) -> None:
+    job_id = deployment.submit(*job_args(algorithm, rounds))
+    record = deployment.result(job_id)
+    assert record["status"] == "done", record
+    final = record["final"]
+    assert isinstance(final, dict) and set(final) == set(SITES)
+    expected = simulated(algorithm, rounds, tmp_path)
+    for site in SITES:
+        assert final[site] == pytest.approx(expected[site], abs=1e-4), site
+
+
+def test_status_shows_queues_consumers_and_no_dead_letters(deployment: Deployment) -> None:
+    deadline = time.monotonic() + 30  # the management API's figures lag by up to 5 s
+    while True:
+        done = subprocess.run(
+            [FEDRELAY, "status", "-c", str(deployment.config), "--json"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        status = json.loads(done.stdout)
+        if len(status["sites_listening"]) == len(SITES) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert status["dead_letters"] == 0
+    assert set(status["sites_listening"]) == set(SITES)
+    assert {q["name"] for q in status["queues"]} >= {
+        "fedrelay.deploy.site.site-1",
+        "fedrelay.deploy.aggregator",
+    }
+
+
+def holds_model(journal: Path) -> bool:
+    """Whether a site's journal holds a model it acked and has not finished with."""
+    for path in journal.glob("*.json"):
+        try:
+            if '"kind": "model"' in path.read_text():
+                return True
+        except FileNotFoundError:  # finished while we looked
+            continue
+    return False
+
+
+def test_a_site_killed_mid_training_restarts_and_the_job_completes(
+    deployment: Deployment,
+) -> None:
+    submit = subprocess.Popen(
+        [
+            FEDRELAY,
+            "job",
+            "submit",
+            "-c",
+            str(deployment.config),
+            *job_args("cwt", 2, epochs=20),
+            "--wait",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    journal = deployment.root / "spool" / "site-2" / "journal"
+    deadline = time.monotonic() + 120
+    while not holds_model(journal):
+        assert time.monotonic() < deadline, "site-2 never got the token"
+        time.sleep(0.02)
+    deployment.processes["site-2"].send_signal(signal.SIGKILL)  # mid-training: token acked
+    deployment.processes["site-2"].wait()
+    deployment.start("site-2")
+    out, err = submit.communicate(timeout=300)
+    assert submit.returncode == 0, out.decode() + err.decode() + deployment.log("site-2")
+    record = deployment.result(out.decode().split()[0])
+    assert record["status"] == "done"
+    assert "resumes model from site-1" in deployment.log("site-2")
+    assert not any(journal.glob("*.json"))
+
+
+def test_connections_closed_by_the_broker_are_survived(deployment: Deployment) -> None:
+    submit = subprocess.Popen(
+        [
+            FEDRELAY,
+            "job",
+            "submit",
+            "-c",
+            str(deployment.config),
+            *job_args("fedavg", 3, epochs=5),
+            "--wait",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    time.sleep(3)
+    closed = subprocess.run(
+        [
+            "rabbitmqctl",
+            "close_all_connections",
+            "--vhost",
+            deployment.broker.vhost,
+            "fedrelay test: connection loss",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert closed.returncode == 0, closed.stderr
+    out, err = submit.communicate(timeout=300)
+    assert submit.returncode == 0, out.decode() + err.decode() + deployment.log("aggregator")
+    assert deployment.result(out.decode().split()[0])["status"] == "done"
+    assert all(p.poll() is None for p in deployment.processes.values())
+
+
+@pytest.fixture(autouse=True)
+def _environment_has_no_overrides() -> None:
+    assert not [k for k in os.environ if k.startswith("FEDRELAY_") and k != "FEDRELAY_CONFIG"]
