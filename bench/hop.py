@@ -27,12 +27,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from relay.codec import decode, encode  # noqa: E402
-from relay.envelope import ModelEnvelope  # noqa: E402
-from relay.messaging import Inbox, Outbox  # noqa: E402
-from relay.topology import Topology  # noqa: E402
-from relay.transport.amqp import AmqpTransport, BrokerSettings  # noqa: E402
-from tests.broker import api, quote  # noqa: E402
+from relay.codec import decode, encode
+from relay.envelope import ModelEnvelope
+from relay.messaging import Inbox, Outbox
+from relay.topology import Topology
+from relay.transport.amqp import AmqpTransport, BrokerSettings
+from tests.broker import api, quote
 
 MiB = 1024 * 1024
 CHUNK = 8 * MiB
@@ -67,8 +67,7 @@ def receive_fedrelay(vhost: str, count: int) -> None:
         total = sum(t.numel() for t in state.values())
         assert total == count
         done = time.time()
-    print(json.dumps({"done": done, "idle_rss_mib": idle, "peak_rss_mib": rss_mib()}),
-          flush=True)
+    print(json.dumps({"done": done, "idle_rss_mib": idle, "peak_rss_mib": rss_mib()}), flush=True)
     transport.close()
 
 
@@ -79,21 +78,23 @@ def receive_raw(vhost: str, messages: int) -> None:
     channel.basic_qos(prefetch_count=1)
     idle = current_rss_mib()
     print(json.dumps({"ready": True}), flush=True)
-    seen = 0
-    for method, _props, _body in channel.consume("raw", inactivity_timeout=60):
+    stream = channel.consume("raw", inactivity_timeout=60)
+    for seen, (method, _props, _body) in enumerate(stream, start=1):
         assert method is not None
         channel.basic_ack(method.delivery_tag)
-        seen += 1
         if seen == messages:
             break
-    print(json.dumps({"done": time.time(), "idle_rss_mib": idle, "peak_rss_mib": rss_mib()}),
-          flush=True)
+    print(
+        json.dumps({"done": time.time(), "idle_rss_mib": idle, "peak_rss_mib": rss_mib()}),
+        flush=True,
+    )
     connection.close()
 
 
 def start_receiver(*args: str) -> subprocess.Popen[str]:
-    process = subprocess.Popen([sys.executable, __file__, "--receive", *args],
-                               stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, __file__, "--receive", *args], stdout=subprocess.PIPE, text=True
+    )
     assert process.stdout is not None
     assert json.loads(process.stdout.readline())["ready"]
     return process
@@ -132,8 +133,13 @@ def fedrelay_hop(vhost: str, state: dict[str, torch.Tensor]) -> tuple[float, dic
     start = time.time()
     payload = encode(state)
     Outbox(transport, topology, sender=PARTY).send(
-        ModelEnvelope, payload, chunk_size=CHUNK, job_id="bench", algorithm="cwt",
-        recipient=PARTY, hop=1,
+        ModelEnvelope,
+        payload,
+        chunk_size=CHUNK,
+        job_id="bench",
+        algorithm="cwt",
+        recipient=PARTY,
+        hop=1,
     )
     result = finish(receiver)
     transport.close()
@@ -149,13 +155,18 @@ def main() -> None:
         kind, vhost, n = args.receive
         (receive_raw if kind == "raw" else receive_fedrelay)(vhost, int(n))
         return
-    print(f"{'size':>8} {'raw s':>7} {'raw MB/s':>9} {'hop s':>7} {'hop MB/s':>9} "
-          f"{'ratio':>6} {'recv RSS+':>10} {'RSS/model':>9}")
+    print(
+        f"{'size':>8} {'raw s':>7} {'raw MB/s':>9} {'hop s':>7} {'hop MB/s':>9} "
+        f"{'ratio':>6} {'recv RSS+':>10} {'RSS/model':>9}"
+    )
     for size_mb in (int(s) for s in args.sizes.split(",")):
         vhost = f"fedrelay-bench-{uuid.uuid4().hex[:8]}"
         api("PUT", f"vhosts/{quote(vhost)}", {})
-        api("PUT", f"permissions/{quote(vhost)}/guest",
-            {"configure": ".*", "write": ".*", "read": ".*"})
+        api(
+            "PUT",
+            f"permissions/{quote(vhost)}/guest",
+            {"configure": ".*", "write": ".*", "read": ".*"},
+        )
         try:
             numel = size_mb * 1_000_000 // 4
             state = {f"layer{i}": torch.randn(numel // 8) for i in range(8)}
@@ -164,9 +175,12 @@ def main() -> None:
             hop_s, hop = fedrelay_hop(vhost, state)
             grown = hop["peak_rss_mib"] - hop["idle_rss_mib"]
             mb = model_bytes / 1e6
-            print(f"{mb:>6.0f}MB {raw_s:>7.2f} {mb / raw_s:>9.0f} {hop_s:>7.2f} "
-                  f"{mb / hop_s:>9.0f} {hop_s / raw_s:>6.2f} {grown:>8.0f}MiB "
-                  f"{grown * MiB / model_bytes:>9.2f}", flush=True)
+            print(
+                f"{mb:>6.0f}MB {raw_s:>7.2f} {mb / raw_s:>9.0f} {hop_s:>7.2f} "
+                f"{mb / hop_s:>9.0f} {hop_s / raw_s:>6.2f} {grown:>8.0f}MiB "
+                f"{grown * MiB / model_bytes:>9.2f}",
+                flush=True,
+            )
         finally:
             api("DELETE", f"vhosts/{quote(vhost)}")
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from relay.errors import ConfigError
 from relay.jobspec import NAME_PATTERN, SiteName
@@ -79,6 +79,14 @@ class FederationConfig(Section):
     broker: Broker = Broker()
     aggregator: Aggregator | None = None
     sites: dict[SiteName, Site | None] = Field(min_length=1)
+
+    @field_validator("sites", mode="before")
+    @classmethod
+    def _empty_is_elsewhere(cls, value: Any) -> Any:
+        # ``[sites.site-2]`` with nothing under it: a site whose settings live in its own file.
+        if isinstance(value, dict):
+            return {name: (section or None) for name, section in value.items()}
+        return value
 
     def broker_settings(self, user: str, password: SecretStr) -> BrokerSettings:
         """Connection settings for ``user``."""

@@ -1,0 +1,92 @@
+"""The federation file: validation with named keys, environment overrides, start-up errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from node.config import load
+from relay.errors import ConfigError
+
+FILE = """
+federation = "demo"
+[broker]
+host = "rabbit.example.org"
+[aggregator]
+password = "a"
+spool = "/tmp/agg"
+output = "/tmp/out"
+[sites.site-1]
+password = "s1"
+spool = "/tmp/s1"
+[sites.site-1.data]
+index = 0
+of = 2
+[sites.site-2]
+"""
+
+
+def write(tmp_path: Path, text: str = FILE) -> Path:
+    path = tmp_path / "federation.toml"
+    path.write_text(text)
+    return path
+
+
+def test_a_valid_file_loads_in_ring_order_with_other_sites_left_to_their_own_files(
+    tmp_path: Path,
+) -> None:
+    config = load(write(tmp_path), environ={})
+    assert list(config.sites) == ["site-1", "site-2"]
+    assert config.site("site-1").data.of == 2
+    with pytest.raises(ConfigError, match=r"sites.site-2: this file has no settings"):
+        config.site("site-2")
+    with pytest.raises(ConfigError, match="'site-9' is not in the federation"):
+        config.site("site-9")
+
+
+def test_environment_overrides_settings_at_any_level(tmp_path: Path) -> None:
+    environ = {
+        "FEDRELAY_BROKER__HOST": "10.0.0.5",
+        "FEDRELAY_SITES__SITE_1__SPOOL": "/srv/s1",
+        "FEDRELAY_SITES__SITE_1__DATA__INDEX": "1",
+        "HOME": "/root",
+    }
+    config = load(write(tmp_path), environ=environ)
+    assert config.broker.host == "10.0.0.5"
+    assert config.site("site-1").spool == Path("/srv/s1")
+    assert config.site("site-1").data.index == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "environ", "message"),
+    [
+        (
+            FILE.replace('host = "rabbit.example.org"', "hots = 1"),
+            {},
+            r"config.broker.hots: Extra inputs are not permitted",
+        ),
+        (
+            FILE.replace("index = 0", "index = -1"),
+            {},
+            r"config.sites.site-1.data.index: Input should be greater than or equal to 0",
+        ),
+        (
+            FILE,
+            {"FEDRELAY_BROKER__PORT": "eighty"},
+            r"with FEDRELAY_BROKER__PORT: config.broker.port: .*valid integer.*'eighty'",
+        ),
+        (FILE.replace("[sites.site-2]", "[sites.aggregator]"), {}, "'aggregator' is reserved"),
+        ("federation = ", {}, "not valid TOML"),
+    ],
+)
+def test_bad_settings_fail_at_start_up_naming_the_key(
+    tmp_path: Path, text: str, environ: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(write(tmp_path, text), environ=environ)
+
+
+def test_a_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(tmp_path / "nope.toml", environ={})
