@@ -40,8 +40,14 @@ PARTY = "guest"  # one broker user as sender and receiver: user_id checks still 
 
 
 def rss_mib() -> float:
-    """Peak resident set size of this process so far, MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident set size of this process so far, MiB.
+
+    VmHWM, not getrusage's ru_maxrss: the latter survives execve and so reports the peak of
+    the parent that spawned this receiver.
+    """
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
 
 
 def current_rss_mib() -> float:

@@ -72,6 +72,7 @@ class Endpoint(ABC):
         if received is not None:
             entry = self.journal.persist(received, dedup_key(received.envelope))
             self.inbox.remember(received)
+            self.transport.hold(self.queue)  # before the ack: nothing may queue up meanwhile
         self.transport.ack(delivery)
         if entry is not None:
             self._act(action, entry, delivery.message.message_id)

@@ -62,6 +62,10 @@ class Transport(ABC):
     def get(self, queue: str, timeout: float = 0.0) -> Delivery | None:
         """The next delivery from ``queue``, waiting up to ``timeout`` seconds; None if none."""
 
+    def hold(self, queue: str) -> None:  # noqa: B027 - only brokers that push need it
+        """Stop deliveries from ``queue`` until the next :meth:`get`: the caller is about to
+        work for a long time, and nothing may wait unacked meanwhile."""
+
     @abstractmethod
     def ack(self, delivery: Delivery) -> None:
         """The message is safely handled; the broker forgets it."""

@@ -2,9 +2,10 @@
 
 - Publishes are persistent, mandatory and confirmed; pika's errors become fedrelay's own
   (Unroutable, AccessRefused, MessageTooLarge, TransportError) at this edge, cause kept.
-- ``prefetch_count=1``. A queue's consumer is registered while :meth:`get` waits and
-  cancelled as soon as it hands out a delivery, so nothing else is delivered (and left
-  unacked past RabbitMQ's ``consumer_timeout``) while the node trains.
+- ``prefetch_count=1``. A queue's consumer streams deliveries (chunks arrive as fast as raw
+  pika's) until the caller, about to train, calls :meth:`hold`: that cancels it before the
+  ack, so nothing else is delivered (and left unacked past RabbitMQ's ``consumer_timeout``)
+  while the node trains.
 - A background thread services the connection while the caller trains, so heartbeats never
   lapse. pika's BlockingConnection is not thread safe: every use of it holds one lock.
 - Connection loss is survived: the connection is rebuilt with bounded, growing back-off
@@ -278,13 +279,21 @@ class AmqpTransport(Transport):
                     break
             if not self._ready[queue]:
                 return None
-            delivery = self._ready[queue].popleft()
-            # Stop this queue's deliveries while the caller works on this one: with
-            # prefetch 1 and this one unacked, nothing else is in flight to us.
-            channel.basic_cancel(self._consumers.pop(queue))
-            return delivery
+            return self._ready[queue].popleft()
 
         return self._run(f"get from {queue!r}", take)
+
+    def hold(self, queue: str) -> None:
+        """Cancel ``queue``'s consumer: with prefetch 1 and the caller's delivery still unacked,
+        nothing else is in flight to us, so nothing waits unacked while the caller works."""
+        with self._lock:
+            tag = self._consumers.pop(queue, None)
+            if tag is None or self._channel is None or not self._channel.is_open:
+                return
+            try:
+                self._channel.basic_cancel(tag)
+            except (pe.AMQPConnectionError, pe.ChannelWrongStateError, pe.ChannelClosed):
+                self._drop()  # the deliveries went back to the queue with the connection
 
     def _arrived(self, queue: str, method: Any, props: Any, body: bytes) -> None:
         message = Message(
