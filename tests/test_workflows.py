@@ -67,6 +67,7 @@ def dead_letters(federation: Federation) -> list[Message]:
     messages = []
     while (delivery := operator.get(federation.topology.dead_queue, timeout=0.5)) is not None:
         messages.append(delivery.message)
+        operator.ack(delivery)  # with prefetch 1, the next comes only after this one
     operator.close()
     return messages
 
