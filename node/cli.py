@@ -24,6 +24,7 @@ from node.operate import federation_status, submit_job, wait_for_job
 from node.process import aggregator, serve, site_node, stop_on_signals, topology_of
 from node.results import MODEL_FILE
 from node.simulate import RESULTS_FILE, SimulationConfig, SimulationResult, simulate
+from relay.endpoint import Endpoint
 from relay.envelope import AGGREGATOR, Command, Envelope, MetricsEnvelope
 from relay.errors import ConfigError, FedrelayError
 from relay.jobspec import DEFAULT_CHUNK_SIZE, Algorithm, parse_job_spec
@@ -190,6 +191,15 @@ def _load(config_path: Path) -> FederationConfig:
         raise click.ClickException(str(e)) from e
 
 
+def _serve(make: Callable[[FederationConfig], Endpoint], config_path: Path) -> None:
+    config = _load(config_path)
+    stop = stop_on_signals()
+    try:
+        serve(make(config), stop)
+    except FedrelayError as e:
+        raise click.ClickException(str(e)) from e
+
+
 @main.group()
 def topology() -> None:
     """The federation's exchanges and queues on RabbitMQ."""
@@ -220,12 +230,7 @@ def node() -> None:
 @click.option("--site", required=True, envvar="FEDRELAY_SITE", help="This site's name.")
 def node_run(config_path: Path, site: str) -> None:
     """Serve one site until SIGTERM/SIGINT: receive, persist, ack, train, send."""
-    config = _load(config_path)
-    stop = stop_on_signals()
-    try:
-        serve(site_node(config, site), stop)
-    except FedrelayError as e:
-        raise click.ClickException(str(e)) from e
+    _serve(lambda config: site_node(config, site), config_path)
 
 
 @main.group("aggregator")
@@ -237,12 +242,7 @@ def aggregator_group() -> None:
 @config_option
 def aggregator_run(config_path: Path) -> None:
     """Serve the aggregator until SIGTERM/SIGINT; finished jobs go to its output folder."""
-    config = _load(config_path)
-    stop = stop_on_signals()
-    try:
-        serve(aggregator(config), stop)
-    except FedrelayError as e:
-        raise click.ClickException(str(e)) from e
+    _serve(aggregator, config_path)
 
 
 @main.group()

@@ -54,6 +54,13 @@ class Deployment:
         assert done.returncode == 0, done.stdout + done.stderr + self.log("aggregator")
         return done.stdout.split()[0]
 
+    def submit_in_background(self, *args: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [FEDRELAY, "job", "submit", "-c", str(self.config), *args, "--wait"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+
     def result(self, job_id: str) -> dict[str, object]:
         path = self.root / "results" / job_id / "job.json"
         for _ in range(100):
@@ -205,19 +212,7 @@ def holds_model(journal: Path) -> bool:
 def test_a_site_killed_mid_training_restarts_and_the_job_completes(
     deployment: Deployment,
 ) -> None:
-    submit = subprocess.Popen(
-        [
-            FEDRELAY,
-            "job",
-            "submit",
-            "-c",
-            str(deployment.config),
-            *job_args("cwt", 2, epochs=20),
-            "--wait",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    submit = deployment.submit_in_background(*job_args("cwt", 2, epochs=20))
     journal = deployment.root / "spool" / "site-2" / "journal"
     deadline = time.monotonic() + 120
     while not holds_model(journal):
@@ -235,19 +230,7 @@ def test_a_site_killed_mid_training_restarts_and_the_job_completes(
 
 
 def test_connections_closed_by_the_broker_are_survived(deployment: Deployment) -> None:
-    submit = subprocess.Popen(
-        [
-            FEDRELAY,
-            "job",
-            "submit",
-            "-c",
-            str(deployment.config),
-            *job_args("fedavg", 3, epochs=5),
-            "--wait",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    submit = deployment.submit_in_background(*job_args("fedavg", 3, epochs=5))
     time.sleep(3)
     closed = subprocess.run(
         [
