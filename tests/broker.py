@@ -33,6 +33,8 @@ def api(method: str, path: str, body: Any = None) -> Any:
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             text = response.read()
+    except urllib.error.HTTPError as e:
+        raise RuntimeError(f"management API {method} {path}: HTTP {e.code}: {e.read()!r}") from e
     except urllib.error.URLError as e:
         raise RuntimeError(
             f"RabbitMQ's management API at {API} is unreachable ({e}). Start the broker "

@@ -16,7 +16,8 @@ from relay.errors import MessageTooLarge
 from relay.messaging import Inbox, Outbox
 from relay.topology import Topology
 from relay.transport import Message
-from tests.broker import TestBroker
+from relay.transport.amqp import AmqpTransport
+from tests.broker import TestBroker, api, quote
 
 MiB = 1024 * 1024
 
@@ -125,3 +126,71 @@ def test_a_1_gb_model_crosses_a_broker_limited_to_16_mib_messages(
         set_max_message_size(128 * MiB)
         sender.close()
         receiver.close()
+
+
+def test_messages_read_plainly_in_the_management_ui(rabbit: TestBroker) -> None:
+    topology = Topology("ui", ("site-1",))
+    aggregator = rabbit.connect("aggregator")
+    aggregator.declare(topology)
+    Outbox(aggregator, topology, sender="aggregator").send(
+        ModelEnvelope,
+        encode({"w": torch.ones(3)}),
+        chunk_size=4096,
+        job_id="job-7",
+        algorithm="cwt",
+        recipient="events",
+        round=2,
+        hop=0,
+    )
+    aggregator.close()
+    # Site and aggregator queues have a single active consumer, which quorum queues do not
+    # let the UI's "Get messages" read; the events and dead-letter queues it can.
+    queue = quote(topology.events_queue)
+    [shown] = api(
+        "POST",
+        f"queues/{quote(rabbit.vhost)}/{queue}/get",
+        {"count": 1, "ackmode": "ack_requeue_true", "encoding": "base64", "truncate": 1},
+    )
+    properties = shown["properties"]
+    assert properties["type"] == "model"
+    assert properties["correlation_id"] == "job-7"
+    assert properties["user_id"] == "aggregator"
+    assert properties["content_type"] == "application/msgpack"
+    assert properties["delivery_mode"] == 2
+    assert len(properties["message_id"]) == 32
+    assert properties["headers"] == {
+        "job": "job-7",
+        "algorithm": "cwt",
+        "round": 2,
+        "hop": 0,
+        "sender": "aggregator",
+        "recipient": "events",
+        "chunk": "1/1",
+    }
+    info = rabbit.queue(topology.site_queue("site-1"))
+    assert info["arguments"]["x-queue-type"] == "quorum"
+    assert info["arguments"]["x-single-active-consumer"] is True
+    assert info["arguments"]["x-dead-letter-exchange"] == "fedrelay.ui.dlx"
+
+
+def test_a_broker_restart_is_survived(rabbit: TestBroker) -> None:
+    topology = Topology("restart", ("site-1",))
+    site = AmqpTransport(rabbit.settings("site-1", reconnect_attempts=12))
+    site.declare(topology)
+    generation = site._generation
+    subprocess.run(["rabbitmqctl", "stop_app"], check=True, capture_output=True)
+    try:
+        time.sleep(1)
+    finally:
+        subprocess.run(["rabbitmqctl", "start_app"], check=True, capture_output=True)
+        subprocess.run(["rabbitmqctl", "await_startup"], check=True, capture_output=True)
+    site.publish(
+        "aggregator",
+        Message(body=b"after", type="update", message_id="u", correlation_id="j", user_id="site-1"),
+        exchange=topology.exchange,
+    )
+    assert site._generation > generation, "the connection was rebuilt"
+    delivery = site.get(topology.aggregator_queue, timeout=10)
+    assert delivery is not None and delivery.message.body == b"after"
+    site.ack(delivery)
+    site.close()
