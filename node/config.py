@@ -122,8 +122,8 @@ def _overrides(environ: Mapping[str, str], data: dict[str, Any]) -> list[str]:
     """Apply FEDRELAY_* variables onto ``data``; return where each came from."""
     applied = []
     for variable, value in sorted(environ.items()):
-        if not variable.startswith(ENV_PREFIX):
-            continue
+        if not variable.startswith(ENV_PREFIX) or "__" not in variable:
+            continue  # FEDRELAY_CONFIG, FEDRELAY_SITE, … are the commands' own options
         path = [part.lower() for part in variable.removeprefix(ENV_PREFIX).split("__")]
         node = data
         for part in path[:-1]:

@@ -166,7 +166,9 @@ class SiteNode(Endpoint):
                     f"job {spec.job_id}: site {self.name!r} cannot run it: {e}"
                 ) from e
             return lambda: self._add_job(spec, algo)
-        job = self.jobs[envelope.job_id]
+        job = self.jobs.get(envelope.job_id)
+        if job is None:  # only on resume: the job ended before the crash
+            raise EnvelopeError(f"envelope.job_id: job {envelope.job_id} is over at this site")
         if isinstance(envelope, ControlEnvelope):
             if envelope.command is Command.CANCEL:
                 return lambda: self._forget(job.job_id)

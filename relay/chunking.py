@@ -102,7 +102,7 @@ class Reassembler:
 
     def pending(self) -> dict[str, list[int]]:
         """Incomplete transfers and the chunk indices each still misses."""
-        return {key: self.missing(key) for key in self._transfers}
+        return {key: missing for key in self._transfers if (missing := self.missing(key))}
 
     def missing(self, key: str) -> list[int]:
         """Chunk indices not yet received for transfer ``key`` ([] if there is none)."""
@@ -113,9 +113,8 @@ class Reassembler:
 
     def discard(self, key: str) -> None:
         """Forget a transfer and delete what it had on disk."""
-        self._transfers.pop(key, None)
+        self.release(key)
         self._part(key).unlink(missing_ok=True)
-        self._manifest(key).unlink(missing_ok=True)
 
     def add(self, envelope: EnvelopeBase, data: memoryview) -> Path | None:
         """Store one chunk durably; return the complete, verified payload file after the last.
@@ -144,6 +143,12 @@ class Reassembler:
             envelope.chunk_size,
         )
         transfer = self._transfers.get(key)
+        if (
+            transfer is not None
+            and len(transfer.received) == transfer.chunk_count
+            and self._complete(key).exists()
+        ):
+            return self._complete(key)  # completed before a crash; a chunk came again
         if transfer is not None and transfer.layout() != layout:
             raise ChunkError(
                 f"{where}: payload digest/size/chunk layout differ from the transfer's "
@@ -201,12 +206,21 @@ class Reassembler:
                 f"message {key}: reassembled payload has sha256 {actual[:12]}…, header says "
                 f"{transfer.payload_digest[:12]}…; the transfer is discarded"
             )
-        complete = self.directory / f"{key}.payload"
+        complete = self._complete(key)
         part.replace(complete)
-        self._transfers.pop(key)
-        self._manifest(key).unlink(missing_ok=True)
         fsync_directory(self.directory)
+        # The manifest stays until release(): until the payload is safe elsewhere, a crash
+        # must leave a transfer that a redelivered last chunk completes again.
         return complete
+
+    def _complete(self, key: str) -> Path:
+        return self.directory / f"{key}.payload"
+
+    def release(self, key: str) -> None:
+        """The complete payload is safe elsewhere (or refused): forget the transfer."""
+        self._transfers.pop(key, None)
+        self._manifest(key).unlink(missing_ok=True)
+        self._complete(key).unlink(missing_ok=True)
 
 
 def _append(path: Path, line: str) -> None:

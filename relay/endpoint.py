@@ -65,8 +65,8 @@ class Endpoint(ABC):
             action = self.prepare(received) if received is not None else None
         except InvalidInput as e:
             self.refuse(delivery, str(e))
-            if received is not None and received.path is not None:
-                received.path.unlink(missing_ok=True)
+            if received is not None:
+                self.inbox.forget(received)
             return
         entry = None
         if received is not None:
@@ -81,6 +81,9 @@ class Endpoint(ABC):
         """Finish the work of messages acked before a crash or stop; return how many."""
         pending = self.journal.pending()
         for entry, received in pending:
+            if entry.key in self.journal.done:  # finished; the crash came before the cleanup
+                self.journal.complete(entry)
+                continue
             log.warning(
                 "%s resumes %s from %s (round %d, hop %d) from its journal",
                 self.name,

@@ -188,8 +188,16 @@ class Inbox:
         return received
 
     def remember(self, received: Received) -> None:
-        """Mark a message as handled, so that a redelivery or copy of it is dropped."""
+        """The message is in the journal: drop copies of it from now on, and forget its
+        chunked transfer."""
         self._seen.add(dedup_key(received.envelope))
+        if received.envelope.is_chunked:
+            self.reassembler.release(transfer_key(received.envelope))
+
+    def forget(self, received: Received) -> None:
+        """The message was refused: delete what its transfer left on disk."""
+        if received.envelope.is_chunked:
+            self.reassembler.discard(transfer_key(received.envelope))
 
 
 def _verify_whole(envelope: Envelope, data: memoryview) -> None:

@@ -142,3 +142,18 @@ def test_a_restarted_receiver_keeps_the_chunks_it_had(tmp_path: Path, payload: b
     second.add(*chunks[3])
     complete = second.add(*chunks[4])
     assert complete is not None and complete.read_bytes() == payload
+
+
+def test_a_transfer_completed_just_before_a_crash_completes_again_on_redelivery(
+    tmp_path: Path, payload: bytes
+) -> None:
+    chunks = chunked(payload)
+    first = Reassembler(tmp_path)
+    for chunk in chunks:
+        complete = first.add(*chunk)
+    assert complete is not None  # ... and the process dies before the payload is journalled
+    restarted = Reassembler(tmp_path)
+    again = restarted.add(*chunks[-1])  # the broker redelivers the last, unacked, chunk
+    assert again is not None and again.read_bytes() == payload
+    restarted.release(transfer_key(chunks[0][0]))
+    assert not list(tmp_path.iterdir())

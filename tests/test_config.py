@@ -90,3 +90,18 @@ def test_bad_settings_fail_at_start_up_naming_the_key(
 def test_a_missing_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load(tmp_path / "nope.toml", environ={})
+
+
+def test_the_commands_own_variables_are_not_config_keys_and_secrets_are_not_echoed(
+    tmp_path: Path,
+) -> None:
+    environ = {
+        "FEDRELAY_CONFIG": "/x.toml",
+        "FEDRELAY_SITE": "site-1",
+        "FEDRELAY_MONITOR_PASSWORD": "monitor-SECRET",
+    }
+    assert load(write(tmp_path), environ=environ).federation == "demo"
+    with pytest.raises(ConfigError) as error:
+        load(write(tmp_path), environ={"FEDRELAY_SITES__SITE_1__PASSWRD": "typo-SECRET"})
+    assert "config.sites.site-1.passwrd: Extra inputs are not permitted" in str(error.value)
+    assert "SECRET" not in str(error.value)

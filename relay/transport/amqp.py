@@ -110,7 +110,6 @@ class AmqpTransport(Transport):
             try:
                 self._connection = pika.BlockingConnection(self.settings.parameters())
                 self._open_channel()
-                self._generation += 1
                 if attempt > 1:
                     log.warning(
                         "%s reconnected to RabbitMQ (attempt %d/%d)", self.user, attempt, attempts
@@ -150,6 +149,9 @@ class AmqpTransport(Transport):
         self._channel = channel
         self._consumers.clear()
         self._ready.clear()
+        # Delivery tags are per channel: those of the old one must never be settled here.
+        self._unacked.clear()
+        self._generation += 1
 
     def _drop(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
@@ -206,7 +208,7 @@ class AmqpTransport(Transport):
             try:
                 if self._connection is not None and self._connection.is_open:
                     self._connection.process_data_events(time_limit=0)
-            except pe.AMQPError as e:
+            except Exception as e:  # this thread must outlive any one failure
                 log.warning(
                     "%s: connection lost while idle (%s); reconnecting on next use",
                     self.user,

@@ -210,11 +210,16 @@ class Coordinator(Endpoint):
     def _prepare_submission(self, received: Received) -> Action:
         envelope = received.envelope
         if isinstance(envelope, JobSpecEnvelope):
-            spec = parse_json(JobSpec, bytes(received.payload), what="job")
-            if spec.job_id != envelope.job_id:
-                raise EnvelopeError(f"job.job_id {spec.job_id!r} differs from the envelope's")
-            return lambda: self._submitted.__setitem__(spec.job_id, spec)
-        spec = self._submitted[envelope.job_id]
+            submitted = parse_json(JobSpec, bytes(received.payload), what="job")
+            if submitted.job_id != envelope.job_id:
+                raise EnvelopeError(f"job.job_id {submitted.job_id!r} differs from the envelope's")
+            return lambda: self._submitted.__setitem__(submitted.job_id, submitted)
+        spec = self._submitted.get(envelope.job_id)
+        if spec is None:
+            raise EnvelopeError(
+                f"job {envelope.job_id}: its initial model came without its job spec (an "
+                "aggregator restart in between loses the spec: submit the job again)"
+            )
         initial = decode(received.payload)
         bad = [n for n, t in initial.items() if t.is_floating_point() and not t.isfinite().all()]
         if bad:
