@@ -7,6 +7,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
+import torch
 
 from node.models import initial_weights
 from node.simulate import Federation, SimulationConfig
@@ -14,7 +15,7 @@ from node.site import SiteNode
 from node.trainer import SiteAlgo
 from relay.codec import digest, encode
 from relay.endpoint import Endpoint
-from relay.envelope import ModelEnvelope, to_wire
+from relay.envelope import ModelEnvelope, UpdateEnvelope, to_wire
 from relay.frame import encode_frame, headers_of
 from relay.jobspec import Algorithm, JobSpec
 from relay.runner import run_until
@@ -147,7 +148,7 @@ def test_malformed_envelopes_are_dead_lettered_and_the_site_keeps_working(
         payload_size=0,
     )
     bad_round = to_wire(good) | {"round": -4}
-    payload = encode({"w": __import__("torch").zeros(2)})
+    payload = encode({"w": torch.zeros(2)})
     wrong_model = good.model_copy(
         update={"payload_digest": digest(payload), "payload_size": len(payload)}
     )
@@ -229,7 +230,7 @@ def test_a_late_update_is_recorded_and_not_mixed_in(build: type[Federation]) -> 
     final = state.final[0]
     site = federation.sites[0]
     site.outbox.send(
-        __import__("relay.envelope", fromlist=["UpdateEnvelope"]).UpdateEnvelope,
+        UpdateEnvelope,
         encode(final),
         chunk_size=job.chunk_size,
         job_id=job.job_id,
