@@ -15,7 +15,7 @@ from pathlib import Path
 
 from relay.envelope import Envelope
 from relay.errors import InvalidInput
-from relay.journal import Entry, Journal
+from relay.journal import MAX_ATTEMPTS, Entry, Journal
 from relay.messaging import Inbox, Outbox, Received, dedup_key
 from relay.topology import Topology
 from relay.transport import Delivery, Transport
@@ -81,26 +81,41 @@ class Endpoint(ABC):
         """Finish the work of messages acked before a crash or stop; return how many."""
         pending = self.journal.pending()
         for entry, received in pending:
-            if entry.key in self.journal.done:  # finished; the crash came before the cleanup
-                self.journal.complete(entry)
-                continue
-            log.warning(
-                "%s resumes %s from %s (round %d, hop %d) from its journal",
-                self.name,
-                received.envelope.kind,
-                received.envelope.sender,
-                received.envelope.round,
-                received.envelope.hop,
-            )
-            try:
-                action = self.prepare(received)
-            except InvalidInput as e:
-                log.error("%s drops journalled message %s: %s", self.name, entry.name, e)
-                self.rejected.append(str(e))
-                self.journal.complete(entry)
-                continue
-            self._act(action, entry, received.envelope.message_id)
+            self._resume_one(entry, received)
         return len(pending)
+
+    def _resume_one(self, entry: Entry, received: Received) -> None:
+        envelope = received.envelope
+        if entry.key in self.journal.done:  # finished; the crash came before the cleanup
+            self.journal.complete(entry)
+            return
+        if entry.attempts >= MAX_ATTEMPTS:
+            reason = (
+                f"{envelope.kind} from {envelope.sender} (job {envelope.job_id}, round "
+                f"{envelope.round}, hop {envelope.hop}) was started {entry.attempts} times and "
+                "never finished; given up (the error is in this node's earlier log)"
+            )
+            log.error("%s: %s", self.name, reason)
+            self.rejected.append(reason)
+            self.journal.complete(entry)
+            return
+        counted = self.journal.attempt(entry, envelope)
+        log.warning(
+            "%s resumes %s from %s (round %d, hop %d) from its journal",
+            self.name,
+            envelope.kind,
+            envelope.sender,
+            envelope.round,
+            envelope.hop,
+        )
+        try:
+            action = self.prepare(received)
+        except InvalidInput as e:
+            log.error("%s drops journalled message %s: %s", self.name, entry.name, e)
+            self.rejected.append(str(e))
+            self.journal.complete(counted)
+            return
+        self._act(action, counted, envelope.message_id)
 
     def _act(self, action: Action | None, entry: Entry, message_id: str) -> None:
         try:

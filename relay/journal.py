@@ -19,6 +19,10 @@ from relay.chunking import fsync_directory
 from relay.envelope import Envelope, parse_envelope, to_wire
 from relay.messaging import Received
 
+MAX_ATTEMPTS = 3
+"""Times an endpoint starts the work of one journalled message before giving up on it: work
+that crashes the process every time would otherwise crash it on every restart."""
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -26,6 +30,7 @@ class Entry:
 
     name: str
     key: str
+    attempts: int = 0
 
 
 def _write(path: Path, data: bytes | memoryview) -> None:
@@ -45,7 +50,7 @@ class Journal:
         self.done: set[str] = set()
         if self.ledger.exists():
             self.done = {line for line in self.ledger.read_text().splitlines() if line}
-        names = sorted(p.stem for p in self.directory.glob("*.json"))
+        names = sorted(p.stem for p in self.directory.glob("*.json") if p.stem.isdigit())
         self._next = int(names[-1]) + 1 if names else 0
 
     def keys(self) -> set[str]:
@@ -61,12 +66,22 @@ class Journal:
             received.path.replace(payload)  # the reassembled chunks, already fsynced
         else:
             _write(payload, memoryview(received.payload).cast("B"))
-        record = {"key": key, "envelope": to_wire(received.envelope)}
-        temp = self.directory / f"{name}.json.tmp"
+        entry = Entry(name, key, attempts=1)  # persisted right before its work first starts
+        self._record(entry, received.envelope)
+        return entry
+
+    def _record(self, entry: Entry, envelope: Envelope) -> None:
+        record = {"key": entry.key, "attempts": entry.attempts, "envelope": to_wire(envelope)}
+        temp = self.directory / f"{entry.name}.json.tmp"
         _write(temp, json.dumps(record).encode())
-        temp.replace(self.directory / f"{name}.json")
+        temp.replace(self.directory / f"{entry.name}.json")
         fsync_directory(self.directory)
-        return Entry(name, key)
+
+    def attempt(self, entry: Entry, envelope: Envelope) -> Entry:
+        """Count one more start of this message's work, durably, before starting it."""
+        counted = Entry(entry.name, entry.key, entry.attempts + 1)
+        self._record(counted, envelope)
+        return counted
 
     def complete(self, entry: Entry) -> None:
         """The message's work is done: record it in the ledger, then forget the message."""
@@ -80,9 +95,10 @@ class Journal:
 
     def _entries(self) -> list[tuple[Entry, Envelope]]:
         entries = []
-        for path in sorted(self.directory.glob("*.json")):
+        for path in sorted(p for p in self.directory.glob("*.json") if p.stem.isdigit()):
             record = json.loads(path.read_text())
-            entries.append((Entry(path.stem, record["key"]), parse_envelope(record["envelope"])))
+            entry = Entry(path.stem, record["key"], record.get("attempts", 0))
+            entries.append((entry, parse_envelope(record["envelope"])))
         return entries
 
     def pending(self) -> list[tuple[Entry, Received]]:

@@ -11,7 +11,7 @@ import torch
 
 from node.models import initial_weights
 from node.simulate import Federation, SimulationConfig
-from node.site import SiteNode
+from node.site import AlgoFactory, SiteNode
 from node.trainer import SiteAlgo
 from relay.codec import digest, encode
 from relay.endpoint import Endpoint
@@ -357,16 +357,10 @@ class Crash(Exception):
     """Stands for the process dying mid-training."""
 
 
-def test_a_site_that_crashes_mid_training_resumes_from_its_journal(
-    build: type[Federation],
-) -> None:
-    cfg = config("cwt", rounds=2, local_epochs=1)
-    federation = build.build(cfg)
-    job = cfg.job()
-    site2 = federation.sites[1]
-    factory = site2.algo_factory
+def crashing(factory: AlgoFactory) -> AlgoFactory:
+    """Trainers that die whenever they train."""
 
-    def crashing_factory(spec: JobSpec) -> SiteAlgo:
+    def make(spec: JobSpec) -> SiteAlgo:
         algo = factory(spec)
 
         class Crashing:
@@ -378,7 +372,18 @@ def test_a_site_that_crashes_mid_training_resumes_from_its_journal(
 
         return Crashing()  # type: ignore[return-value]
 
-    site2.algo_factory = crashing_factory
+    return make
+
+
+def test_a_site_that_crashes_mid_training_resumes_from_its_journal(
+    build: type[Federation],
+) -> None:
+    cfg = config("cwt", rounds=2, local_epochs=1)
+    federation = build.build(cfg)
+    job = cfg.job()
+    site2 = federation.sites[1]
+    factory = site2.algo_factory
+    site2.algo_factory = crashing(factory)
     state = federation.coordinator.submit(job, initial_weights(job.model, seed=job.seed))
     with pytest.raises(Crash):
         run_until(federation.endpoints, lambda: state.finished)
@@ -430,3 +435,40 @@ def test_an_oversize_message_is_dead_lettered_and_the_site_keeps_working(
     assert state.status is Status.DONE, state.reason
     reasons = [dead_letter_reason(m.headers) for m in dead_letters(federation)]
     assert len(reasons) == 1 and "oversize, 5000 bytes in one message" in reasons[0]
+
+
+def test_work_that_crashes_on_every_restart_is_given_up_with_a_reason(
+    build: type[Federation],
+) -> None:
+    cfg = config("swt", local_epochs=1)
+    federation = build.build(cfg)
+    job = cfg.job()
+    site1 = federation.sites[0]
+    broken = crashing(site1.algo_factory)
+    site1.algo_factory = broken
+    state = federation.coordinator.submit(job, initial_weights(job.model, seed=job.seed))
+    with pytest.raises(Crash):
+        run_until(federation.endpoints, lambda: state.finished)
+    site1.close()
+    for _ in range(2):  # restarts 1 and 2 crash again (attempts 2 and 3)
+        restarted = SiteNode(
+            name="site-1",
+            algo_factory=broken,
+            topology=federation.topology,
+            transport=federation.connect("site-1"),
+            spool=site1.spool,
+        )
+        with pytest.raises(Crash):
+            restarted.resume()
+        restarted.close()
+    restarted = SiteNode(
+        name="site-1",
+        algo_factory=broken,
+        topology=federation.topology,
+        transport=federation.connect("site-1"),
+        spool=site1.spool,
+    )
+    assert restarted.resume() == 1
+    assert "was started 3 times and never finished; given up" in restarted.rejected[0]
+    assert not list((site1.spool / "journal").glob("*.json"))
+    restarted.close()
