@@ -1,9 +1,10 @@
 """An endpoint: one party's consume loop step, shared by sites and the aggregator.
 
-Receive → verify (dead-letter what is invalid, with its reason) → ack → handle. The ack comes
-before handling because handling means training, which can outlast the broker's consumer
-timeout; what was received is already on disk (chunks) or in hand. A handler never sees a
-malformed, forged, misaddressed or duplicate message.
+Receive → verify (dead-letter what is invalid, with its reason) → persist to the journal →
+hold the queue → ack → act → mark done. The ack comes before acting because acting means
+training, which can outlast the broker's consumer timeout; the journal makes that safe, and a
+restarted endpoint resumes from it. Actions never see a malformed, forged, misaddressed or
+duplicate message.
 """
 
 from __future__ import annotations
