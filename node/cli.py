@@ -340,7 +340,11 @@ def status_command(config_path: Path, as_json: bool, user: str, password: str) -
         )
     console = Console()
     console.print(table)
+    listening = ", ".join(snapshot["sites_listening"]) or "none"
+    console.print(f"sites listening (idle, waiting for work): {listening}")
     console.print(f"dead letters: {snapshot['dead_letters']}")
+    for reason in snapshot["dead_letter_reasons"][:5]:
+        console.print(f"  - {reason}")
     if snapshot["last_event"]:
         console.print(f"latest event: {snapshot['last_event']}")
 
