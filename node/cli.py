@@ -21,17 +21,19 @@ from node.config import FederationConfig
 from node.config import load as load_config
 from node.models import initial_weights
 from node.operate import federation_status, submit_job, wait_for_job
-from node.process import aggregator, serve, site_node, stop_on_signals, topology_of
+from node.options import JobOptions
+from node.process import aggregator, serve, site_node, stop_on_signals
 from node.results import MODEL_FILE
 from node.simulate import RESULTS_FILE, SimulationConfig, SimulationResult, simulate
 from relay.endpoint import Endpoint
 from relay.envelope import AGGREGATOR, Command, Envelope, MetricsEnvelope
 from relay.errors import ConfigError, FedrelayError
-from relay.jobspec import DEFAULT_CHUNK_SIZE, Algorithm, parse_job_spec
+from relay.jobspec import Algorithm
 from relay.transport.amqp import AmqpTransport
 from relay.validation import describe
 
 F = TypeVar("F", bound=Callable[..., Any])
+Opts = TypeVar("Opts", bound=JobOptions)
 
 COLUMNS = (("dice_wt", "WT"), ("dice_tc", "TC"), ("dice_et", "ET"), ("dice_mean", "mean"))
 
@@ -49,7 +51,7 @@ def _training_steps(config: SimulationConfig) -> int:
 
 
 def _option(name: str, help: str, **kwargs: Any) -> Callable[[F], F]:
-    """A ``simulate`` option whose default comes from SimulationConfig, so they never drift."""
+    """An option whose default comes from SimulationConfig (and so JobOptions): never drifts."""
     field = kwargs.pop("field", name.removeprefix("--").replace("-", "_"))
     default = SimulationConfig.model_fields[field].default
     if isinstance(default, Enum):
@@ -61,16 +63,55 @@ def _option(name: str, help: str, **kwargs: Any) -> Callable[[F], F]:
     )
 
 
+def _job_options(command: F) -> F:
+    """The options ``simulate`` and ``job submit`` share (all but ``--algorithm``)."""
+    options = [
+        _option(
+            "--rounds",
+            "FedAvg rounds, CWT cycles, or ensemble training passes  [default: 10; 1 for swt]",
+            type=int,
+        ),
+        _option("--local-epochs", "Epochs a site trains per round or ring visit."),
+        _option("--seed", "Fixes the data, the initial model and the training order."),
+        _option(
+            "--model", "Network from the node's registry.", type=click.Choice(["unet", "segresnet"])
+        ),
+        _option("--width", "Channels of the network's first level."),
+        _option("--depth", "Resolution levels of the network."),
+        _option("--batch-size", "Cases per training step."),
+        _option("--learning-rate", "Adam's learning rate at each site."),
+        _option(
+            "--min-sites",
+            "FedAvg quorum once a round's deadline passes  [default: every site]",
+            type=int,
+        ),
+        _option(
+            "--round-timeout", "Seconds a round waits for site updates.", field="round_timeout_s"
+        ),
+        _option("--chunk-size", "Payloads larger than this many bytes travel as chunks."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _validated(schema: type[Opts], options: dict[str, Any]) -> Opts:
+    """Options checked by ``schema``; a usage error names each bad option as typed."""
+    try:
+        return schema.model_validate(options)
+    except ValidationError as e:
+        message = describe(e, what="option")
+        message = re.sub(r"option\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), message)
+        raise click.UsageError(message) from e
+
+
+ALGORITHMS = click.Choice([a.value for a in Algorithm])
+
+
 @main.command("simulate")
-@_option("--algorithm", "How the model travels.", type=click.Choice([a.value for a in Algorithm]))
+@_option("--algorithm", "How the model travels.", type=ALGORITHMS)
 @_option("--sites", "Number of sites (site-1, site-2, ...), each with its own data.")
-@_option(
-    "--rounds",
-    "FedAvg rounds, CWT cycles, or ensemble training passes  [default: 10; 1 for swt]",
-    type=int,
-)
-@_option("--local-epochs", "Epochs a site trains per round or ring visit.")
-@_option("--seed", "Fixes the data, the initial model and the training order.")
+@_job_options
 @click.option(
     "--output",
     type=click.Path(path_type=Path),
@@ -78,27 +119,12 @@ def _option(name: str, help: str, **kwargs: Any) -> Callable[[F], F]:
     show_default=True,
     help="Folder for results.json and model.safetensors.",
 )
-@_option("--model", "Network from the node's registry.", type=click.Choice(["unet", "segresnet"]))
-@_option("--width", "Channels of the network's first level.")
-@_option("--depth", "Resolution levels of the network.")
 @_option("--volume-size", "Phantom volumes are this many voxels per side.")
 @_option("--cases-per-site", "Phantom cases per site (varies ±20% between sites).")
-@_option("--batch-size", "Cases per training step.")
-@_option("--learning-rate", "Adam's learning rate at each site.")
-@_option(
-    "--min-sites", "FedAvg quorum once a round's deadline passes  [default: every site]", type=int
-)
-@_option("--round-timeout", "Seconds a round waits for site updates.", field="round_timeout_s")
-@_option("--chunk-size", "Payloads larger than this many bytes travel as chunks.")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json instead of a table.")
 def simulate_command(output: Path, as_json: bool, **options: object) -> None:
     """Simulate a federation in this process, on generated brain-tumour data."""
-    try:
-        config = SimulationConfig.model_validate(options)
-    except ValidationError as e:
-        message = describe(e, what="option")
-        message = re.sub(r"option\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), message)
-        raise click.UsageError(message) from e
+    config = _validated(SimulationConfig, options)
     console = Console(stderr=True)
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -213,7 +239,7 @@ def topology_declare(config_path: Path) -> None:
     section = config.aggregator_section()
     try:
         transport = AmqpTransport(config.broker_settings(AGGREGATOR, section.password))
-        transport.declare(topology_of(config))
+        transport.declare(config.topology())
         transport.close()
     except FedrelayError as e:
         raise click.ClickException(str(e)) from e
@@ -252,55 +278,28 @@ def job() -> None:
 
 @job.command("submit")
 @config_option
-@click.option("--algorithm", type=click.Choice([a.value for a in Algorithm]), required=True)
-@click.option("--rounds", type=int, default=None, help="[default: 10; 1 for swt]")
-@click.option("--local-epochs", type=int, default=2, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option(
-    "--model", type=click.Choice(["unet", "segresnet"]), default="unet", show_default=True
-)
-@click.option("--width", type=int, default=8, show_default=True)
-@click.option("--depth", type=int, default=4, show_default=True)
-@click.option("--batch-size", type=int, default=2, show_default=True)
-@click.option("--learning-rate", type=float, default=1e-2, show_default=True)
-@click.option("--min-sites", type=int, default=None)
-@click.option("--round-timeout", type=float, default=3600.0, show_default=True)
-@click.option("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, show_default=True)
+@click.option("--algorithm", type=ALGORITHMS, required=True, help="How the model travels.")
+@_job_options
 @click.option("--job-id", default=None, help="[default: a new uuid]")
 @click.option("--wait", is_flag=True, help="Follow the events until the job ends.")
-def job_submit(config_path: Path, wait: bool, **options: Any) -> None:
+def job_submit(config_path: Path, wait: bool, job_id: str | None, **options: Any) -> None:
     """Submit a job to the aggregator; prints its id (sites run in ring order of the file)."""
     config = _load(config_path)
-    algorithm = Algorithm(options["algorithm"])
-    spec_data: dict[str, Any] = {
-        "federation": config.federation,
-        "algorithm": algorithm,
-        "sites": list(config.sites),
-        "rounds": options["rounds"] or (1 if algorithm is Algorithm.SWT else 10),
-        "min_sites": options["min_sites"],
-        "round_timeout_s": options["round_timeout"],
-        "chunk_size": options["chunk_size"],
-        "seed": options["seed"],
-        "model": {"name": options["model"], "width": options["width"], "depth": options["depth"]},
-        "training": {
-            "local_epochs": options["local_epochs"],
-            "batch_size": options["batch_size"],
-            "learning_rate": options["learning_rate"],
-        },
-    }
-    if options["job_id"]:
-        spec_data["job_id"] = options["job_id"]
+    job_options = _validated(JobOptions, options)
     try:
-        spec = parse_job_spec(spec_data)
+        spec = job_options.job(
+            federation=config.federation, sites=list(config.sites), job_id=job_id
+        )
+    except ValidationError as e:
+        raise click.UsageError(describe(e, what="job")) from e
+    try:
         transport = AmqpTransport(
             config.broker_settings(AGGREGATOR, config.aggregator_section().password)
         )
-        submit_job(
-            transport, topology_of(config), spec, initial_weights(spec.model, seed=spec.seed)
-        )
+        submit_job(transport, config.topology(), spec, initial_weights(spec.model, seed=spec.seed))
         click.echo(spec.job_id)
         if wait:
-            ended = wait_for_job(transport, topology_of(config), spec.job_id)
+            ended = wait_for_job(transport, config.topology(), spec.job_id)
             transport.close()
             click.echo(f"{ended.command}{': ' + ended.reason if ended.reason else ''}")
             if ended.command is not Command.JOB_DONE:

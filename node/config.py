@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from relay.errors import ConfigError
 from relay.jobspec import NAME_PATTERN, SiteName
+from relay.topology import Topology
 from relay.transport.amqp import BrokerSettings
 from relay.validation import describe
 
@@ -87,6 +88,10 @@ class FederationConfig(Section):
         if isinstance(value, dict):
             return {name: (section or None) for name, section in value.items()}
         return value
+
+    def topology(self) -> Topology:
+        """The federation's broker topology; the ring order is the order of the sites."""
+        return Topology(self.federation, tuple(self.sites))
 
     def broker_settings(self, user: str, password: SecretStr) -> BrokerSettings:
         """Connection settings for ``user``."""

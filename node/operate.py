@@ -57,128 +57,96 @@ def wait_for_job(
     raise JobFailed(f"job {job_id} did not end within {timeout_s:g} s")
 
 
-def _api(config: FederationConfig, path: str, *, user: str, password: str, body: Any = None) -> Any:
-    url = f"{config.broker.management_url.rstrip('/')}/api/{path}"
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method="POST" if data else "GET")
-    token = base64.b64encode(f"{user}:{password}".encode()).decode()
-    request.add_header("Authorization", f"Basic {token}")
-    request.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as e:
-        raise TransportError(
-            f"management API {url}: HTTP {e.code} {e.reason}; check broker.management_url, "
-            "the user (it needs the monitoring tag) and the vhost"
-        ) from e
-    except urllib.error.URLError as e:
-        raise TransportError(
-            f"management API {url} is unreachable ({e.reason}); is rabbitmq_management on?"
-        ) from e
+class ManagementApi:
+    """RabbitMQ's management HTTP API, as one user."""
+
+    def __init__(self, url: str, *, user: str, password: str) -> None:
+        self.url = url.rstrip("/")
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        self._authorization = f"Basic {token}"
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        """One request; TransportError says what failed and what to check."""
+        url = f"{self.url}/api/{path}"
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(url, data=data, method=method)
+        request.add_header("Authorization", self._authorization)
+        request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as e:
+            raise TransportError(
+                f"management API {method} {url}: HTTP {e.code} {e.reason} "
+                f"({e.read()[:300]!r}); check the URL, the user (it needs the monitoring tag) "
+                "and the vhost"
+            ) from e
+        except urllib.error.URLError as e:
+            raise TransportError(
+                f"management API {url} is unreachable ({e.reason}); is rabbitmq_management on?"
+            ) from e
+
+    def peek(self, vhost: str, queue: str, count: int) -> list[dict[str, Any]]:
+        """Up to ``count`` messages from the head of ``queue``, requeued (bodies truncated)."""
+        if count == 0:
+            return []
+        body = {"count": count, "ackmode": "ack_requeue_true", "encoding": "base64", "truncate": 1}
+        path = f"queues/{quote(vhost)}/{quote(queue)}/get"
+        result: list[dict[str, Any]] = self.call("POST", path, body)
+        return result
+
+
+def quote(name: str) -> str:
+    """A vhost or queue name as one URL path segment."""
+    return urllib.parse.quote(name, safe="")
 
 
 def federation_status(config: FederationConfig, *, user: str, password: str) -> dict[str, Any]:
     """Queues (ready, unacked, consumers), dead letters and the latest event, as plain data."""
-    topology = Topology(config.federation, tuple(config.sites))
-    vhost = urllib.parse.quote(config.broker.vhost, safe="")
-    queues = []
-    for name in topology.queues():
-        try:
-            info = _api(
-                config,
-                f"queues/{vhost}/{urllib.parse.quote(name, safe='')}",
-                user=user,
-                password=password,
-            )
-        except TransportError as e:
-            if "HTTP 404" not in str(e):
-                raise
-            info = None
-        queues.append(
-            {
-                "name": name,
-                "declared": info is not None,
-                "ready": (info or {}).get("messages_ready", 0),
-                "unacked": (info or {}).get("messages_unacknowledged", 0),
-                "consumers": (info or {}).get("consumers", 0),
-            }
+    api = ManagementApi(config.broker.management_url, user=user, password=password)
+    topology = config.topology()
+    vhost = config.broker.vhost
+    declared = {q["name"]: q for q in api.call("GET", f"queues/{quote(vhost)}")}
+    queues = [
+        {
+            "name": name,
+            "declared": name in declared,
+            "ready": declared.get(name, {}).get("messages_ready", 0),
+            "unacked": declared.get(name, {}).get("messages_unacknowledged", 0),
+            "consumers": declared.get(name, {}).get("consumers", 0),
+        }
+        for name in topology.queues()
+    ]
+    by_name = {q["name"]: q for q in queues}
+    dead_count = by_name[topology.dead_queue]["ready"]
+    dead = api.peek(vhost, topology.dead_queue, min(dead_count, 20))
+    try:
+        events = api.peek(
+            vhost, topology.events_queue, min(by_name[topology.events_queue]["ready"], 5000)
         )
-    dead = next(q for q in queues if q["name"] == topology.dead_queue)
-    events = next(q for q in queues if q["name"] == topology.events_queue)
+    except FedrelayError:
+        events = []
     return {
         "federation": config.federation,
-        "vhost": config.broker.vhost,
+        "vhost": vhost,
         "queues": queues,
         # A site's consumer is attached while it waits for work and detached while it
         # trains (so that nothing waits unacked for hours): listening = idle and reachable.
         "sites_listening": [
-            site
-            for site in topology.sites
-            if next(q for q in queues if q["name"] == topology.site_queue(site))["consumers"]
+            site for site in topology.sites if by_name[topology.site_queue(site)]["consumers"]
         ],
-        "dead_letters": dead["ready"],
-        "dead_letter_reasons": _peek_reasons(
-            config, topology, vhost, dead["ready"], user=user, password=password
-        ),
-        "last_event": _last_event(
-            config, topology, vhost, events["ready"], user=user, password=password
-        ),
+        "dead_letters": dead_count,
+        "dead_letter_reasons": [
+            dead_letter_reason(m["properties"].get("headers", {})) for m in dead
+        ],
+        "last_event": _summary(events[-1]["properties"]) if events else None,
     }
 
 
-def _peek(
-    config: FederationConfig, vhost: str, queue: str, count: int, *, user: str, password: str
-) -> list[dict[str, Any]]:
-    if count == 0:
-        return []
-    body = {"count": count, "ackmode": "ack_requeue_true", "encoding": "base64", "truncate": 1}
-    result: list[dict[str, Any]] = _api(
-        config,
-        f"queues/{vhost}/{urllib.parse.quote(queue, safe='')}/get",
-        user=user,
-        password=password,
-        body=body,
-    )
-    return result
-
-
-def _peek_reasons(
-    config: FederationConfig,
-    topology: Topology,
-    vhost: str,
-    count: int,
-    *,
-    user: str,
-    password: str,
-) -> list[str]:
-    messages = _peek(
-        config, vhost, topology.dead_queue, min(count, 20), user=user, password=password
-    )
-    return [dead_letter_reason(m["properties"].get("headers", {})) for m in messages]
-
-
-def _last_event(
-    config: FederationConfig,
-    topology: Topology,
-    vhost: str,
-    count: int,
-    *,
-    user: str,
-    password: str,
-) -> dict[str, Any] | None:
-    try:
-        messages = _peek(
-            config, vhost, topology.events_queue, min(count, 5000), user=user, password=password
-        )
-    except FedrelayError:
-        return None
-    if not messages:
-        return None
-    last = messages[-1]["properties"]
-    headers = last.get("headers", {})
+def _summary(properties: dict[str, Any]) -> dict[str, Any]:
+    headers = properties.get("headers", {})
     return {
-        "type": last.get("type"),
+        "type": properties.get("type"),
         "job": headers.get("job"),
         "round": headers.get("round"),
         "hop": headers.get("hop"),

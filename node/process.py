@@ -19,7 +19,6 @@ from node.site import SiteNode
 from node.trainer import trainer_factory
 from relay.endpoint import Endpoint
 from relay.envelope import AGGREGATOR
-from relay.topology import Topology
 from relay.transport.amqp import AmqpTransport
 from relay.workflows.coordinator import Coordinator, JobState
 
@@ -27,11 +26,6 @@ log = logging.getLogger(__name__)
 
 POLL_S = 1.0
 """How long one wait for a message lasts; deadlines and stop requests are checked between."""
-
-
-def topology_of(config: FederationConfig) -> Topology:
-    """The federation's broker topology."""
-    return Topology(config.federation, tuple(config.sites))
 
 
 def site_node(config: FederationConfig, name: str) -> SiteNode:
@@ -50,7 +44,7 @@ def site_node(config: FederationConfig, name: str) -> SiteNode:
         name=name,
         algo_factory=trainer_factory(images, labels, seed=data.seed),
         transport=transport,
-        topology=topology_of(config),
+        topology=config.topology(),
         spool=section.spool,
     )
 
@@ -66,7 +60,7 @@ def aggregator(config: FederationConfig) -> Coordinator:
 
     transport = AmqpTransport(config.broker_settings(AGGREGATOR, section.password))
     return Coordinator(
-        transport=transport, topology=topology_of(config), spool=section.spool, on_finish=finished
+        transport=transport, topology=config.topology(), spool=section.spool, on_finish=finished
     )
 
 

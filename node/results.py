@@ -9,8 +9,8 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from relay.aggregation import bundle
-from relay.chunking import file_digest
 from relay.codec import StateDict
+from relay.storage import file_digest, replace_file
 from relay.workflows.coordinator import JobState, Status
 
 MODEL_FILE = "model.safetensors"
@@ -52,7 +52,5 @@ def write_job(state: JobState, output: Path) -> Path:
         "model_file": model_file,
         "model_sha256": model_digest,
     }
-    temp = folder / f"{JOB_FILE}.tmp"
-    temp.write_text(json.dumps(record, indent=2) + "\n")
-    temp.replace(folder / JOB_FILE)
+    replace_file(folder / JOB_FILE, (json.dumps(record, indent=2) + "\n").encode())
     return folder

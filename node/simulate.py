@@ -10,29 +10,26 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from node.models import initial_weights
+from node.options import JobOptions
 from node.phantom import SiteProfile, federation_site
 from node.results import MODEL_FILE, save_model
 from node.site import SiteNode
 from node.trainer import SiteAlgo, trainer_factory
+from relay.codec import StateDict
 from relay.endpoint import Endpoint
 from relay.envelope import AGGREGATOR, EVENTS, Envelope
 from relay.errors import JobFailed
 from relay.jobspec import (
-    DEFAULT_CHUNK_SIZE,
-    MAX_CHUNK_SIZE,
     Algorithm,
     JobSpec,
-    ModelSpec,
-    TrainingSpec,
 )
 from relay.monitor import Monitor
 from relay.runner import run_until
@@ -44,26 +41,12 @@ from relay.workflows.coordinator import Coordinator, JobState, Status
 RESULTS_FILE = "results.json"
 
 
-class SimulationConfig(BaseModel):
-    """What to simulate: the job, the sites' data, and where to write results."""
+class SimulationConfig(JobOptions):
+    """What to simulate: the job, and the generated data of its sites."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    algorithm: Algorithm = Algorithm.FEDAVG
     sites: int = Field(default=3, ge=1, le=64)
-    rounds: int | None = Field(default=None, ge=1, description="None: 1 for swt, else 10")
-    local_epochs: int = Field(default=2, ge=1)
-    seed: int = Field(default=0, ge=0)
-    model: Literal["unet", "segresnet"] = "unet"
-    width: int = Field(default=8, ge=1, le=64)
-    depth: int = Field(default=4, ge=2, le=6)
     volume_size: int = Field(default=32, ge=16, le=128)
     cases_per_site: int = Field(default=10, ge=4, le=500)
-    batch_size: int = Field(default=2, ge=1)
-    learning_rate: float = Field(default=1e-2, gt=0)
-    chunk_size: int = Field(default=DEFAULT_CHUNK_SIZE, ge=4096, le=MAX_CHUNK_SIZE)
-    min_sites: int | None = Field(default=None, ge=1)
-    round_timeout_s: float = Field(default=3600.0, gt=0)
 
     def site_names(self) -> tuple[str, ...]:
         """site-1, site-2, …"""
@@ -80,25 +63,11 @@ class SimulationConfig(BaseModel):
             )
         return self
 
-    def job(self) -> JobSpec:
-        """The job spec this simulation submits."""
-        rounds = self.rounds or (1 if self.algorithm is Algorithm.SWT else 10)
-        return JobSpec(
-            federation="sim",
-            algorithm=self.algorithm,
-            sites=self.site_names(),
-            rounds=rounds,
-            min_sites=self.min_sites,
-            round_timeout_s=self.round_timeout_s,
-            chunk_size=self.chunk_size,
-            seed=self.seed,
-            model=ModelSpec(name=self.model, width=self.width, depth=self.depth),
-            training=TrainingSpec(
-                local_epochs=self.local_epochs,
-                batch_size=self.batch_size,
-                learning_rate=self.learning_rate,
-            ),
-        )
+    def job(
+        self, *, federation: str = "sim", sites: Sequence[str] = (), job_id: str | None = None
+    ) -> JobSpec:
+        """The job spec this simulation submits (federation ``sim``, sites site-1 …)."""
+        return super().job(federation=federation, sites=sites or self.site_names(), job_id=job_id)
 
 
 class SiteData(BaseModel):
@@ -266,9 +235,17 @@ class Federation:
         """Every party, in the order the loop serves them."""
         return [self.coordinator, *self.sites, self.monitor]
 
-    def run(self, job: JobSpec, *, absent: frozenset[str] = frozenset()) -> JobState:
+    def run(
+        self,
+        job: JobSpec,
+        *,
+        initial: StateDict | None = None,
+        absent: frozenset[str] = frozenset(),
+    ) -> JobState:
         """Submit ``job`` and serve every party but the ``absent`` sites until it ends."""
-        state = self.coordinator.submit(job, initial_weights(job.model, seed=job.seed))
+        if initial is None:
+            initial = initial_weights(job.model, seed=job.seed)
+        state = self.coordinator.submit(job, initial)
         present = [e for e in self.endpoints if e.name not in absent]
         try:
             run_until(present, lambda: state.finished)
@@ -302,7 +279,7 @@ def simulate(
             name: algo.evaluate([initial]).as_dict() for name, algo in federation.baselines.items()
         }
         try:
-            state = federation.run(job)
+            state = federation.run(job, initial=initial)
         finally:
             federation.close()
     return _write_results(

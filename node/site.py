@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 from node.models import initial_weights
 from node.trainer import SiteAlgo
 from relay.aggregation import check_compatible, unbundle
-from relay.chunking import fsync_directory
 from relay.codec import StateDict, decode, encode
 from relay.endpoint import Action, Endpoint
 from relay.envelope import (
@@ -37,6 +35,7 @@ from relay.envelope import (
 from relay.errors import ConfigError, EnvelopeError
 from relay.jobspec import Algorithm, JobSpec
 from relay.messaging import Received, check_chunking
+from relay.storage import replace_file
 from relay.topology import Topology
 from relay.transport import Transport
 from relay.validation import parse_json
@@ -92,13 +91,7 @@ class SiteNode(Endpoint):
             "spec": self.jobs[job_id].model_dump(mode="json"),
             "position": self._ring_position.get(job_id),
         }
-        path = self._jobs_dir / f"{job_id}.json"
-        temp = path.with_suffix(".tmp")
-        temp.write_text(json.dumps(record))
-        with temp.open("rb+") as f:
-            os.fsync(f.fileno())
-        temp.replace(path)
-        fsync_directory(self._jobs_dir)
+        replace_file(self._jobs_dir / f"{job_id}.json", json.dumps(record).encode())
 
     def screen(self, envelope: Envelope) -> None:
         """Refuse, before anything is stored, what no site should accept from this sender."""

@@ -17,8 +17,7 @@ from typing import Any
 
 from relay.envelope import EnvelopeBase
 from relay.errors import ChunkError
-
-_READ_BLOCK = 8 * 1024 * 1024
+from relay.storage import append_line, file_digest, fsync_directory
 
 
 def split(payload: bytes | bytearray | memoryview, chunk_size: int) -> list[memoryview]:
@@ -38,24 +37,6 @@ def chunk_length(envelope: EnvelopeBase) -> int:
     if envelope.chunk_index < envelope.chunk_count - 1:
         return envelope.chunk_size
     return envelope.payload_size - envelope.chunk_size * (envelope.chunk_count - 1)
-
-
-def fsync_directory(directory: Path) -> None:
-    """fsync a directory so that renames and new files in it are durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file, read in blocks."""
-    sha = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(_READ_BLOCK):
-            sha.update(block)
-    return sha.hexdigest()
 
 
 @dataclass
@@ -182,14 +163,14 @@ class Reassembler:
                 "chunk_count": layout[2],
                 "chunk_size": layout[3],
             }
-            _append(self._manifest(key), json.dumps(header) + "\n")
+            append_line(self._manifest(key), json.dumps(header))
         part = self._part(key)
         with part.open("r+b" if part.exists() else "wb") as f:
             f.seek(index * transfer.chunk_size)
             f.write(data)
             f.flush()
             os.fdatasync(f.fileno())  # data and size; mtime need not be durable
-        _append(self._manifest(key), f"{index} {chunk_digest}\n")
+        append_line(self._manifest(key), f"{index} {chunk_digest}")
         transfer.received[index] = chunk_digest
         if transfer.running is not None and index == transfer.in_order:
             transfer.running.update(data)
@@ -221,16 +202,6 @@ class Reassembler:
         self._transfers.pop(key, None)
         self._manifest(key).unlink(missing_ok=True)
         self._complete(key).unlink(missing_ok=True)
-
-
-def _append(path: Path, line: str) -> None:
-    new = not path.exists()
-    with path.open("a") as f:
-        f.write(line)
-        f.flush()
-        os.fdatasync(f.fileno())
-    if new:
-        fsync_directory(path.parent)
 
 
 def _load(manifest: Path) -> _Transfer:

@@ -10,14 +10,12 @@ drop redelivered or duplicated copies.
 from __future__ import annotations
 
 import json
-import mmap
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from relay.chunking import fsync_directory
 from relay.envelope import Envelope, parse_envelope, to_wire
 from relay.messaging import Received
+from relay.storage import append_line, map_file, replace_file, write_file
 
 MAX_ATTEMPTS = 3
 """Times an endpoint starts the work of one journalled message before giving up on it: work
@@ -31,13 +29,6 @@ class Entry:
     name: str
     key: str
     attempts: int = 0
-
-
-def _write(path: Path, data: bytes | memoryview) -> None:
-    with path.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 class Journal:
@@ -65,17 +56,14 @@ class Journal:
         if received.path is not None:
             received.path.replace(payload)  # the reassembled chunks, already fsynced
         else:
-            _write(payload, memoryview(received.payload).cast("B"))
+            write_file(payload, memoryview(received.payload).cast("B"))
         entry = Entry(name, key, attempts=1)  # persisted right before its work first starts
         self._record(entry, received.envelope)
         return entry
 
     def _record(self, entry: Entry, envelope: Envelope) -> None:
         record = {"key": entry.key, "attempts": entry.attempts, "envelope": to_wire(envelope)}
-        temp = self.directory / f"{entry.name}.json.tmp"
-        _write(temp, json.dumps(record).encode())
-        temp.replace(self.directory / f"{entry.name}.json")
-        fsync_directory(self.directory)
+        replace_file(self.directory / f"{entry.name}.json", json.dumps(record).encode())
 
     def attempt(self, entry: Entry, envelope: Envelope) -> Entry:
         """Count one more start of this message's work, durably, before starting it."""
@@ -85,10 +73,7 @@ class Journal:
 
     def complete(self, entry: Entry) -> None:
         """The message's work is done: record it in the ledger, then forget the message."""
-        with self.ledger.open("a") as f:
-            f.write(entry.key + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_line(self.ledger, entry.key)
         self.done.add(entry.key)
         (self.directory / f"{entry.name}.json").unlink(missing_ok=True)
         (self.directory / f"{entry.name}.payload").unlink(missing_ok=True)
@@ -105,11 +90,6 @@ class Journal:
         """Unfinished messages, oldest first, with their payloads mapped from disk."""
         out = []
         for entry, envelope in self._entries():
-            path = self.directory / f"{entry.name}.payload"
-            with path.open("rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                payload: memoryview | mmap.mmap = (
-                    mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else memoryview(b"")
-                )
+            payload = map_file(self.directory / f"{entry.name}.payload")
             out.append((entry, Received(envelope, payload)))
         return out

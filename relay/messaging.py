@@ -22,6 +22,7 @@ from relay.codec import digest
 from relay.envelope import Envelope, EnvelopeBase
 from relay.errors import ChunkError, EnvelopeError
 from relay.frame import decode_frame, message_of
+from relay.storage import map_file
 from relay.topology import Topology, routing_key
 from relay.transport import Delivery, Transport
 
@@ -181,7 +182,7 @@ class Inbox:
                 raise
             if path is None:
                 return None
-            received = Received(envelope, _map(path), path)
+            received = Received(envelope, map_file(path), path)
         else:
             _verify_whole(envelope, data)
             received = Received(envelope, data)
@@ -212,10 +213,3 @@ def _verify_whole(envelope: Envelope, data: memoryview) -> None:
             f"message {envelope.message_id}: payload sha256 {actual[:12]}… differs from the "
             f"header's {envelope.payload_digest[:12]}…; it was corrupted or tampered with"
         )
-
-
-def _map(path: Path) -> mmap.mmap:
-    # A private, copy-on-write mapping: tensors decoded from it are writable without copying
-    # the file into memory up front, and writes never reach the spool file.
-    with path.open("rb") as f:
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)

@@ -6,15 +6,12 @@ skips (CI's .ci/run starts the broker before the tests).
 
 from __future__ import annotations
 
-import base64
-import json
 import os
-import urllib.error
-import urllib.parse
-import urllib.request
 import uuid
 from typing import Any
 
+from node.operate import ManagementApi, quote
+from relay.errors import TransportError
 from relay.transport.amqp import AmqpTransport, BrokerSettings
 
 HOST = os.environ.get("FEDRELAY_TEST_BROKER_HOST", "127.0.0.1")
@@ -25,28 +22,15 @@ PASSWORD = "fedrelay-test"
 
 def api(method: str, path: str, body: Any = None) -> Any:
     """Call the management HTTP API as the admin user."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(f"{API}/{path}", data=data, method=method)
-    token = base64.b64encode(":".join(ADMIN).encode()).decode()
-    request.add_header("Authorization", f"Basic {token}")
-    request.add_header("Content-Type", "application/json")
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            text = response.read()
-    except urllib.error.HTTPError as e:
-        raise RuntimeError(f"management API {method} {path}: HTTP {e.code}: {e.read()!r}") from e
-    except urllib.error.URLError as e:
+        return ManagementApi(API.removesuffix("/api"), user=ADMIN[0], password=ADMIN[1]).call(
+            method, path, body
+        )
+    except TransportError as e:
         raise RuntimeError(
-            f"RabbitMQ's management API at {API} is unreachable ({e}). Start the broker "
-            "(rabbitmq-server -detached; rabbitmqctl await_startup) and enable the API "
-            "(rabbitmq-plugins enable rabbitmq_management)"
+            f"{e}. Is the broker up? (rabbitmq-server -detached; rabbitmqctl await_startup; "
+            "rabbitmq-plugins enable rabbitmq_management)"
         ) from e
-    return json.loads(text) if text else None
-
-
-def quote(name: str) -> str:
-    """A vhost or user name as one URL path segment."""
-    return urllib.parse.quote(name, safe="")
 
 
 class TestBroker:

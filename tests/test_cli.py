@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from relay.chunking import file_digest
+from relay.storage import file_digest
 
 FEDRELAY = str(Path(sys.executable).parent / "fedrelay")
 TINY = [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
@@ -125,28 +126,27 @@ def publish_raw(
     transport.close()
 
 
+def model_for_site_1(job: JobSpec, payload: bytes = b"", **changes: Any) -> ModelEnvelope:
+    """The envelope of ``payload`` from the aggregator to site-1, with ``changes``."""
+    fields: dict[str, Any] = {
+        "job_id": job.job_id,
+        "algorithm": job.algorithm,
+        "sender": "aggregator",
+        "recipient": "site-1",
+        "payload_digest": digest(payload),
+        "payload_size": len(payload),
+    }
+    return ModelEnvelope(**(fields | changes))
+
+
 def test_malformed_envelopes_are_dead_lettered_and_the_site_keeps_working(
     build: type[Federation],
 ) -> None:
     cfg = config("fedavg", rounds=1, local_epochs=1)
     federation = build.build(cfg)
     job = cfg.job()
-    good = ModelEnvelope(
-        job_id=job.job_id,
-        algorithm="fedavg",
-        sender="aggregator",
-        recipient="site-1",
-        payload_digest=digest(b""),
-        payload_size=0,
-    )
-    forged_sender = ModelEnvelope(
-        job_id=job.job_id,
-        algorithm="cwt",
-        sender="site-3",
-        recipient="site-1",
-        payload_digest=digest(b""),
-        payload_size=0,
-    )
+    good = model_for_site_1(job)
+    forged_sender = model_for_site_1(job, algorithm="cwt", sender="site-3")
     bad_round = to_wire(good) | {"round": -4}
     payload = encode({"w": torch.zeros(2)})
     wrong_model = good.model_copy(
@@ -262,14 +262,7 @@ def test_a_ring_token_from_the_wrong_sender_or_replayed_is_refused(build: type[F
     run_until(federation.endpoints, lambda: state.finished)
     assert state.status is Status.DONE, state.reason
     payload = encode(initial_weights(job.model, seed=job.seed))
-    envelope = ModelEnvelope(
-        job_id=job.job_id,
-        algorithm="cwt",
-        sender="aggregator",
-        recipient="site-1",
-        payload_digest=digest(payload),
-        payload_size=len(payload),
-    )
+    envelope = model_for_site_1(job, payload)
     site_1_jobs = federation.sites[0].jobs
     assert not site_1_jobs, "a finished job leaves no state at the site"
     # A site other than the ring's predecessor forging hop 0 of cycle 1:
@@ -421,15 +414,7 @@ def test_an_oversize_message_is_dead_lettered_and_the_site_keeps_working(
     job = cfg.job()
     state = federation.coordinator.submit(job, initial_weights(job.model, seed=job.seed))
     payload = bytes(5000)  # more than the job's 4096 bytes a message, unchunked
-    oversize = ModelEnvelope(
-        job_id=job.job_id,
-        algorithm="fedavg",
-        sender="aggregator",
-        recipient="site-1",
-        payload_digest=digest(payload),
-        payload_size=len(payload),
-        round=7,
-    )
+    oversize = model_for_site_1(job, payload, round=7)
     publish_raw(federation, "aggregator", "site-1", encode_frame(oversize, payload))
     run_until(federation.endpoints, lambda: state.finished)
     assert state.status is Status.DONE, state.reason

@@ -70,12 +70,11 @@ class BrokerSettings(BaseModel):
 
 def _refusal(error: pe.ChannelClosed, what: str) -> TransportError:
     text = f"{what}: broker closed the channel ({error.reply_code} {error.reply_text})"
-    if "user_id property set to" in error.reply_text:
+    # RabbitMQ says both with 406 PRECONDITION_FAILED; only the text tells them apart.
+    if "user_id property set to" in error.reply_text or error.reply_code == 403:
         return AccessRefused(text)
-    if "larger than configured max size" in error.reply_text or "max size" in error.reply_text:
+    if "larger than configured max size" in error.reply_text:
         return MessageTooLarge(text + "; lower the job's chunk_size")
-    if error.reply_code == 403:
-        return AccessRefused(text)
     return TransportError(text)
 
 

@@ -1,0 +1,62 @@
+"""The job a user asks for on the command line, turned into a job spec for any federation.
+
+``fedrelay simulate`` and ``fedrelay job submit`` share these options and their defaults.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from relay.jobspec import (
+    DEFAULT_CHUNK_SIZE,
+    MAX_CHUNK_SIZE,
+    Algorithm,
+    JobSpec,
+    ModelSpec,
+    TrainingSpec,
+)
+
+
+class JobOptions(BaseModel):
+    """Algorithm, rounds, model recipe and training settings, with the CLI's defaults."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    algorithm: Algorithm = Algorithm.FEDAVG
+    rounds: int | None = Field(default=None, ge=1, description="None: 1 for swt, else 10")
+    local_epochs: int = Field(default=2, ge=1)
+    seed: int = Field(default=0, ge=0)
+    model: Literal["unet", "segresnet"] = "unet"
+    width: int = Field(default=8, ge=1, le=64)
+    depth: int = Field(default=4, ge=2, le=6)
+    batch_size: int = Field(default=2, ge=1)
+    learning_rate: float = Field(default=1e-2, gt=0)
+    chunk_size: int = Field(default=DEFAULT_CHUNK_SIZE, ge=4096, le=MAX_CHUNK_SIZE)
+    min_sites: int | None = Field(default=None, ge=1)
+    round_timeout_s: float = Field(default=3600.0, gt=0)
+
+    def job(self, *, federation: str, sites: Sequence[str], job_id: str | None = None) -> JobSpec:
+        """The job spec for ``sites`` (in ring order) of ``federation``."""
+        rounds = self.rounds or (1 if self.algorithm is Algorithm.SWT else 10)
+        spec = JobSpec(
+            federation=federation,
+            algorithm=self.algorithm,
+            sites=tuple(sites),
+            rounds=rounds,
+            min_sites=self.min_sites,
+            round_timeout_s=self.round_timeout_s,
+            chunk_size=self.chunk_size,
+            seed=self.seed,
+            model=ModelSpec(name=self.model, width=self.width, depth=self.depth),
+            training=TrainingSpec(
+                local_epochs=self.local_epochs,
+                batch_size=self.batch_size,
+                learning_rate=self.learning_rate,
+            ),
+        )
+        if job_id is None:
+            return spec
+        return JobSpec.model_validate(spec.model_dump() | {"job_id": job_id})
