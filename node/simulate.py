@@ -249,7 +249,9 @@ class Federation:
         present = [e for e in self.endpoints if e.name not in absent]
         try:
             run_until(present, lambda: state.finished)
-            while self.monitor.poll():  # the last events, published as the job finished
+            # The last events, published as the job finished; on a real broker they may still
+            # be on their way, hence the wait.
+            while self.monitor.poll(timeout=0.2):
                 pass
         except JobFailed as e:
             state.status, state.reason = Status.FAILED, str(e)
