@@ -11,7 +11,7 @@ import urllib.request
 from typing import Any
 
 from node.config import FederationConfig
-from relay.codec import StateDict, encode
+from relay.codec import Encoding, StateDict
 from relay.envelope import AGGREGATOR, ControlEnvelope, JobSpecEnvelope, ModelEnvelope
 from relay.errors import FedrelayError, InvalidInput, JobFailed, TransportError
 from relay.frame import decode_frame
@@ -32,7 +32,7 @@ def submit_job(transport: Transport, topology: Topology, spec: JobSpec, initial:
     outbox.send(
         JobSpecEnvelope, spec.model_dump_json().encode(), chunk_size=spec.chunk_size, **common
     )
-    outbox.send(ModelEnvelope, encode(initial), chunk_size=spec.chunk_size, **common)
+    outbox.send(ModelEnvelope, Encoding(initial), chunk_size=spec.chunk_size, **common)
 
 
 def wait_for_job(

@@ -16,7 +16,7 @@ from pathlib import Path
 from node.models import initial_weights
 from node.trainer import SiteAlgo
 from relay.aggregation import check_compatible, unbundle
-from relay.codec import StateDict, decode, encode
+from relay.codec import Encoding, StateDict, decode
 from relay.endpoint import Action, Endpoint
 from relay.envelope import (
     AGGREGATOR,
@@ -278,7 +278,7 @@ class SiteNode(Endpoint):
             where |= {"sample_count": result.sample_count, "metrics": trained}
         self.outbox.send(
             make,
-            encode(weights),
+            Encoding(weights),
             chunk_size=job.chunk_size,
             job_id=job.job_id,
             algorithm=job.algorithm,

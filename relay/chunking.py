@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import xxhash
+
 from relay.envelope import EnvelopeBase
 from relay.errors import ChunkError
 from relay.storage import append_line, file_digest, fsync_directory
+
+log = logging.getLogger(__name__)
 
 
 def split(payload: bytes | bytearray | memoryview, chunk_size: int) -> list[memoryview]:
@@ -28,6 +34,12 @@ def split(payload: bytes | bytearray | memoryview, chunk_size: int) -> list[memo
     if len(view) <= chunk_size:
         return [view]
     return [view[i : i + chunk_size] for i in range(0, len(view), chunk_size)]
+
+
+def chunk_checksum(chunk: bytes | bytearray | memoryview) -> str:
+    """A chunk's checksum (xxh3-128, hex): it tells a damaged or different chunk from an exact
+    copy at a fraction of sha256's cost. Integrity rests on the whole payload's sha256."""
+    return xxhash.xxh3_128_hexdigest(chunk)
 
 
 def chunk_length(envelope: EnvelopeBase) -> int:
@@ -41,18 +53,20 @@ def chunk_length(envelope: EnvelopeBase) -> int:
 
 @dataclass
 class _Transfer:
-    payload_digest: str
     payload_size: int
     chunk_count: int
     chunk_size: int
     received: dict[int, str]
+    payload_digest: str | None = None  # from the last chunk, once it is stored
     # The whole payload's sha256 so far, while chunks arrive in order (the usual case): it
-    # spares reading the file back. Not kept across restarts; then the file is read.
+    # spares reading the file back. Not kept across restarts; then the file is read. It is
+    # fed on a worker thread, after the chunk's ack, while the next chunk is on its way.
     running: Any = None
     in_order: int = 0
+    hashed: Future[None] | None = None
 
-    def layout(self) -> tuple[str, int, int, int]:
-        return (self.payload_digest, self.payload_size, self.chunk_count, self.chunk_size)
+    def layout(self) -> tuple[int, int, int]:
+        return (self.payload_size, self.chunk_count, self.chunk_size)
 
 
 def transfer_key(envelope: EnvelopeBase) -> str:
@@ -72,14 +86,27 @@ class Reassembler:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self._transfers: dict[str, _Transfer] = {}
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedrelay-sha256")
         for manifest in directory.glob("*.chunks"):
-            self._transfers[manifest.name.removesuffix(".chunks")] = _load(manifest)
+            try:
+                self._transfers[manifest.name.removesuffix(".chunks")] = _load(manifest)
+            except (ValueError, TypeError, IndexError):
+                # Torn while its first chunk was being stored, before that chunk's ack: the
+                # broker delivers the chunk again and the transfer starts afresh.
+                log.warning("spool manifest %s is unreadable; starting it afresh", manifest)
+                manifest.unlink()
 
     def _part(self, key: str) -> Path:
         return self.directory / f"{key}.part"
 
     def _manifest(self, key: str) -> Path:
         return self.directory / f"{key}.chunks"
+
+    def payload_digest(self, key: str) -> str:
+        """The sha256 a complete transfer was verified against."""
+        digest = self._transfers[key].payload_digest
+        assert digest is not None, "only a complete transfer has it"
+        return digest
 
     def pending(self) -> dict[str, list[int]]:
         """Incomplete transfers and the chunk indices each still misses."""
@@ -114,15 +141,12 @@ class Reassembler:
         expected = chunk_length(envelope)
         if len(data) != expected:
             raise ChunkError(f"{where}: holds {len(data)} bytes, expected {expected}")
-        chunk_digest = hashlib.sha256(data).hexdigest()
+        chunk_digest = chunk_checksum(data)
         if chunk_digest != envelope.chunk_digest:
-            raise ChunkError(f"{where}: corrupt (sha256 {chunk_digest[:12]}… differs from header)")
-        layout = (
-            envelope.payload_digest,
-            envelope.payload_size,
-            envelope.chunk_count,
-            envelope.chunk_size,
-        )
+            raise ChunkError(
+                f"{where}: corrupt (checksum {chunk_digest[:12]}… differs from the header's)"
+            )
+        layout = (envelope.payload_size, envelope.chunk_count, envelope.chunk_size)
         transfer = self._transfers.get(key)
         if (
             transfer is not None
@@ -130,7 +154,8 @@ class Reassembler:
             and self._complete(key).exists()
         ):
             return self._complete(key)  # completed before a crash; a chunk came again
-        if transfer is not None and transfer.layout() != layout:
+        digests = {transfer.payload_digest, envelope.payload_digest} - {None} if transfer else set()
+        if transfer is not None and (transfer.layout() != layout or len(digests) > 1):
             raise ChunkError(
                 f"{where}: payload digest/size/chunk layout differ from the transfer's "
                 "earlier chunks; two payloads share one message id"
@@ -140,7 +165,7 @@ class Reassembler:
                 return None
             raise ChunkError(f"{where}: a different chunk with this index was already received")
         try:
-            return self._store(key, transfer, layout, (envelope.chunk_index, chunk_digest), data)
+            return self._store(key, (transfer, layout), envelope, chunk_digest, data)
         except OSError as e:
             self.discard(key)
             raise ChunkError(f"{where}: cannot be written to the spool ({e})") from e
@@ -148,44 +173,57 @@ class Reassembler:
     def _store(
         self,
         key: str,
-        transfer: _Transfer | None,
-        layout: tuple[str, int, int, int],
-        chunk: tuple[int, str],
+        known: tuple[_Transfer | None, tuple[int, int, int]],
+        envelope: EnvelopeBase,
+        chunk_digest: str,
         data: memoryview,
     ) -> Path | None:
-        index, chunk_digest = chunk
+        transfer, layout = known
+        index = envelope.chunk_index
+        records = []
         if transfer is None:
+            header = {
+                "payload_size": envelope.payload_size,
+                "chunk_count": envelope.chunk_count,
+                "chunk_size": envelope.chunk_size,
+            }
             transfer = _Transfer(*layout, received={}, running=hashlib.sha256())
             self._transfers[key] = transfer
-            header = {
-                "payload_digest": layout[0],
-                "payload_size": layout[1],
-                "chunk_count": layout[2],
-                "chunk_size": layout[3],
-            }
-            append_line(self._manifest(key), json.dumps(header))
+            records.append(json.dumps(header))
         part = self._part(key)
         with part.open("r+b" if part.exists() else "wb") as f:
             f.seek(index * transfer.chunk_size)
             f.write(data)
             f.flush()
             os.fdatasync(f.fileno())  # data and size; mtime need not be durable
-        append_line(self._manifest(key), f"{index} {chunk_digest}")
+        # A new manifest's directory fsync comes after the part file exists: it makes both
+        # names durable at once.
+        if envelope.payload_digest is not None:
+            records.append(f"sha256 {envelope.payload_digest}")
+        records.append(f"{index} {chunk_digest}")
+        append_line(self._manifest(key), "\n".join(records))
         transfer.received[index] = chunk_digest
+        transfer.payload_digest = transfer.payload_digest or envelope.payload_digest
         if transfer.running is not None and index == transfer.in_order:
-            transfer.running.update(data)
+            # One worker: updates run in the order they are submitted. hashlib releases the
+            # GIL, so this thread goes on to ack the chunk and take the next.
+            transfer.hashed = self._hasher.submit(transfer.running.update, data)
             transfer.in_order += 1
         if len(transfer.received) < transfer.chunk_count:
             return None
         if transfer.running is not None and transfer.in_order == transfer.chunk_count:
+            assert transfer.hashed is not None
+            transfer.hashed.result()
             actual = transfer.running.hexdigest()
         else:
             actual = file_digest(part)
-        if actual != transfer.payload_digest:
+        expected = transfer.payload_digest
+        assert expected is not None  # the last chunk, which carries it, is stored
+        if actual != expected:
             self.discard(key)
             raise ChunkError(
                 f"message {key}: reassembled payload has sha256 {actual[:12]}…, header says "
-                f"{transfer.payload_digest[:12]}…; the transfer is discarded"
+                f"{expected[:12]}…; the transfer is discarded"
             )
         complete = self._complete(key)
         part.replace(complete)
@@ -208,8 +246,12 @@ def _load(manifest: Path) -> _Transfer:
     lines = manifest.read_text().splitlines()
     header = json.loads(lines[0])
     received: dict[int, str] = {}
+    payload_digest = None
     for line in lines[1:]:
         index, _, digest = line.partition(" ")
-        if index.isdigit() and len(digest) == 64:  # a torn last line is a chunk not recorded
+        # A torn last line is a chunk not recorded: it was not acked, and comes again.
+        if index.isdigit() and len(digest) == 32:
             received[int(index)] = digest
-    return _Transfer(received=received, **header)
+        elif index == "sha256" and len(digest) == 64:
+            payload_digest = digest
+    return _Transfer(received=received, payload_digest=payload_digest, **header)

@@ -18,7 +18,7 @@ import math
 import mmap
 import struct
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Annotated, Literal
 
 import msgpack
@@ -100,6 +100,35 @@ def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
 
 def encode(state: Mapping[str, torch.Tensor]) -> bytearray:
     """Encode a state dict; tensors on any device, any layout, in any of :data:`DTYPES`."""
+    encoding = Encoding(state)
+    for _ in encoding.fill():
+        pass
+    return encoding.payload
+
+
+class Encoding:
+    """A state dict being encoded: :attr:`payload` is allocated and its header written at once,
+    and :meth:`fill` copies the tensors in, in order, so that a sender can publish the first
+    chunks while later tensors are still being copied."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.payload, self._parts = _plan(state)
+
+    def fill(self) -> Iterator[int]:
+        """Copy the tensors in; after each, yield how many leading payload bytes are final."""
+        if self._parts:
+            target = torch.frombuffer(self.payload, dtype=torch.uint8)
+            for begin, tensor in self._parts:
+                target[begin : begin + tensor.numel() * tensor.element_size()].copy_(
+                    _as_bytes(tensor)
+                )
+                yield begin + tensor.numel() * tensor.element_size()
+        self._parts = []
+        yield len(self.payload)
+
+
+def _plan(state: Mapping[str, torch.Tensor]) -> tuple[bytearray, list[tuple[int, torch.Tensor]]]:
+    """The payload buffer with its header written, and where each tensor goes in it."""
     entries: list[list[object]] = []
     parts: list[tuple[int, torch.Tensor]] = []
     offset = 0
@@ -138,15 +167,7 @@ def encode(state: Mapping[str, torch.Tensor]) -> bytearray:
     out = bytearray(base + offset)
     out[: len(head)] = head
     struct.pack_into(">BI", out, len(head), _BIN32, offset)
-    if offset:
-        target = torch.frombuffer(out, dtype=torch.uint8)
-        for start, tensor in parts:
-            if tensor.numel():
-                begin = base + start
-                target[begin : begin + tensor.numel() * tensor.element_size()].copy_(
-                    _as_bytes(tensor)
-                )
-    return out
+    return out, [(base + start, tensor) for start, tensor in parts if tensor.numel()]
 
 
 class _Reader:

@@ -36,6 +36,9 @@ MAX_SAMPLES = 10**9
 DIGEST_PATTERN = r"^[0-9a-f]{64}$"
 
 Digest = Annotated[str, Field(pattern=DIGEST_PATTERN, description="sha256, lower-case hex")]
+Checksum = Annotated[
+    str, Field(pattern=r"^[0-9a-f]{32}$", description="xxh3-128 of one chunk, lower-case hex")
+]
 Party = Annotated[str, Field(pattern=NAME_PATTERN)]
 
 
@@ -83,14 +86,17 @@ class EnvelopeBase(Frozen):
     round: int = Field(default=0, ge=0, description="FedAvg round or ring cycle")
     hop: int = Field(default=0, ge=0, description="position on the ring within a cycle")
     created_at: float = Field(default_factory=time.time, ge=0)
-    payload_digest: Digest
+    payload_digest: Digest | None = None
+    """The whole payload's sha256, in the only or the last chunk: a sender hashes while its
+    earlier chunks are on their way. Earlier chunks carry none."""
     payload_size: int = Field(ge=0, le=MAX_PAYLOAD)
     chunk_index: int = Field(default=0, ge=0)
     chunk_count: int = Field(default=1, ge=1)
     chunk_size: int = Field(
         default=0, ge=0, le=MAX_CHUNK_SIZE, description="bytes per chunk but the last; 0 if one"
     )
-    chunk_digest: Digest | None = None
+    chunk_digest: Checksum | None = None
+    """Catches a damaged or mixed-up chunk on arrival; the payload's sha256 is the guarantee."""
     signature: str | None = None
 
     @model_validator(mode="after")
@@ -108,7 +114,24 @@ class EnvelopeBase(Frozen):
                     f"chunk_count {self.chunk_count} does not fit payload_size "
                     f"{self.payload_size} in chunks of {self.chunk_size} (needs {needed})"
                 )
+        last = self.chunk_index == self.chunk_count - 1
+        if last and self.payload_digest is None:
+            raise ValueError(
+                "payload_digest is missing; the only or last chunk must carry the payload's sha256"
+            )
+        if not last and self.payload_digest is not None:
+            raise ValueError(
+                f"payload_digest: chunk {self.chunk_index + 1}/{self.chunk_count} carries one; "
+                "only the last chunk does"
+            )
         return self
+
+    @property
+    def digest(self) -> str:
+        """The payload's sha256, which a complete message always carries."""
+        if self.payload_digest is None:
+            raise ValueError(f"message {self.message_id}: chunk without the payload digest")
+        return self.payload_digest
 
     @property
     def is_chunked(self) -> bool:

@@ -11,14 +11,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import mmap
+import threading
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from relay.chunking import Reassembler, split, transfer_key
-from relay.codec import digest
+from relay.chunking import Reassembler, chunk_checksum, split, transfer_key
+from relay.codec import Encoding, digest
 from relay.envelope import Envelope, EnvelopeBase
 from relay.errors import ChunkError, EnvelopeError
 from relay.frame import decode_frame, message_of
@@ -52,37 +54,49 @@ class Outbox:
         self.topology = topology
         self.sender = sender
         self.traffic = Traffic()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedrelay-outbox")
 
     def send(
         self,
         make: Callable[..., E],
-        payload: bytes | bytearray | memoryview = b"",
+        payload: bytes | bytearray | memoryview | Encoding = b"",
         *,
         chunk_size: int,
         **fields: Any,
     ) -> E:
         """Build the envelope with ``make(**fields, <payload fields>)`` and publish it.
 
-        Returns the first chunk's envelope (all chunks share its message id). Each chunk is
-        confirmed by the broker before the next is published.
+        Returns the last chunk's envelope, which carries the payload digest (all chunks share
+        its message id). Each chunk is confirmed by the broker before the next is published;
+        meanwhile a worker thread hashes the payload and, given an :class:`Encoding`, copies
+        the tensors in, each chunk going out as soon as its bytes are final.
         """
-        chunks = split(payload, chunk_size)
-        whole = digest(payload)
-        size = len(memoryview(payload).cast("B"))
-        first: E | None = None
+        progress = _Progress()
+        if isinstance(payload, Encoding):
+            buffer: bytes | bytearray | memoryview = payload.payload
+            hashing = self._worker.submit(_fill_and_hash, payload, progress)
+        else:
+            buffer = payload
+            hashing = self._worker.submit(digest, payload)
+            progress.advance(len(memoryview(payload).cast("B")))
+        chunks = split(buffer, chunk_size)
+        size = len(memoryview(buffer).cast("B"))
+        envelope: E | None = None
         message_id = fields.pop("message_id", None)
         for index, chunk in enumerate(chunks):
             chunked = len(chunks) > 1
+            last = index == len(chunks) - 1
+            progress.wait(index * chunk_size + len(chunk))
             envelope = make(
                 **fields,
                 **({"message_id": message_id} if message_id else {}),
                 sender=self.sender,
-                payload_digest=whole,
+                payload_digest=hashing.result() if last else None,
                 payload_size=size,
                 chunk_index=index,
                 chunk_count=len(chunks),
                 chunk_size=chunk_size if chunked else 0,
-                chunk_digest=hashlib.sha256(chunk).hexdigest() if chunked else None,
+                chunk_digest=chunk_checksum(chunk) if chunked else None,
             )
             message_id = envelope.message_id
             message = message_of(envelope, chunk)
@@ -93,9 +107,51 @@ class Outbox:
             )
             self.traffic.messages[str(envelope.kind)] += 1
             self.traffic.bytes[str(envelope.kind)] += len(message.body)
-            first = first or envelope
-        assert first is not None  # split() always yields at least one chunk
-        return first
+        assert envelope is not None  # split() always yields at least one chunk
+        return envelope
+
+
+class _Progress:
+    """How many leading bytes of a payload are final, as a worker thread fills it."""
+
+    def __init__(self) -> None:
+        self._final = 0
+        self._failed: BaseException | None = None
+        self._changed = threading.Condition()
+
+    def advance(self, final: int) -> None:
+        with self._changed:
+            self._final = final
+            self._changed.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        with self._changed:
+            self._failed = error
+            self._changed.notify_all()
+
+    def wait(self, final: int) -> None:
+        """Until the first ``final`` bytes are; re-raises the worker's error."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._final >= final or self._failed is not None)
+            if self._failed is not None:
+                raise self._failed
+
+
+def _fill_and_hash(encoding: Encoding, progress: _Progress) -> str:
+    """Copy the tensors in, announcing each final stretch, and hash it behind the sender."""
+    sha = hashlib.sha256()
+    view = memoryview(encoding.payload)
+    hashed = 0
+    try:
+        for final in encoding.fill():
+            progress.advance(final)
+            sha.update(view[hashed:final])
+            hashed = final
+    except BaseException as e:
+        progress.fail(e)
+        raise
+    hexdigest: str = sha.hexdigest()
+    return hexdigest
 
 
 @dataclass(frozen=True)
@@ -131,7 +187,7 @@ def dedup_key(envelope: Envelope) -> str:
         envelope.round,
         envelope.hop,
         envelope.sender,
-        envelope.payload_digest,
+        envelope.payload_digest,  # None in a chunk but the last: never a complete message's key
         task,
         stage,
     )
@@ -170,7 +226,11 @@ class Inbox:
             )
         if dedup_key(envelope) in self._seen:
             # Before screening: a copy of a job's last message may arrive after the job ended.
+            # Only a complete message's key matches (chunks before the last carry no digest):
+            # what the copy's earlier chunks stored goes.
             log.info("duplicate %s from %s ignored", envelope.kind, envelope.sender)
+            if envelope.is_chunked:
+                self.reassembler.discard(transfer_key(envelope))
             return None
         if screen is not None:
             screen(envelope)
@@ -182,7 +242,15 @@ class Inbox:
                 raise
             if path is None:
                 return None
-            received = Received(envelope, map_file(path), path)
+            # The whole message's envelope is its last chunk's, the one with the digest (the
+            # last to arrive may be another, after a redelivery).
+            whole = envelope.model_copy(
+                update={
+                    "payload_digest": self.reassembler.payload_digest(transfer_key(envelope)),
+                    "chunk_index": envelope.chunk_count - 1,
+                }
+            )
+            received = Received(whole, map_file(path), path)
         else:
             _verify_whole(envelope, data)
             received = Received(envelope, data)
@@ -208,8 +276,8 @@ def _verify_whole(envelope: Envelope, data: memoryview) -> None:
             f"header says {envelope.payload_size}"
         )
     actual = digest(data)
-    if actual != envelope.payload_digest:
+    if actual != envelope.digest:
         raise ChunkError(
             f"message {envelope.message_id}: payload sha256 {actual[:12]}… differs from the "
-            f"header's {envelope.payload_digest[:12]}…; it was corrupted or tampered with"
+            f"header's {envelope.digest[:12]}…; it was corrupted or tampered with"
         )

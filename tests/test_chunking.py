@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import pytest
 
-from relay.chunking import Reassembler, split, transfer_key
+from relay.chunking import Reassembler, chunk_checksum, split, transfer_key
 from relay.codec import digest
 from relay.envelope import ModelEnvelope
 from relay.errors import ChunkError
@@ -26,12 +25,12 @@ def chunked(payload: bytes, chunk_size: int = CHUNK) -> list[tuple[ModelEnvelope
             algorithm="cwt",
             sender="site-1",
             recipient="site-2",
-            payload_digest=digest(payload),
+            payload_digest=digest(payload) if i == len(parts) - 1 else None,
             payload_size=len(payload),
             chunk_index=i,
             chunk_count=len(parts),
             chunk_size=chunk_size,
-            chunk_digest=hashlib.sha256(part).hexdigest(),
+            chunk_digest=chunk_checksum(part),
             **({"message_id": first} if first else {}),
         )
         first = envelope.message_id
@@ -87,7 +86,7 @@ def test_different_chunk_under_a_used_index_is_refused(tmp_path: Path, payload: 
     reassembler.add(*chunks[0])
     envelope, _ = chunks[0]
     other = bytes(CHUNK)
-    forged = envelope.model_copy(update={"chunk_digest": hashlib.sha256(other).hexdigest()})
+    forged = envelope.model_copy(update={"chunk_digest": chunk_checksum(other)})
     with pytest.raises(ChunkError, match="different chunk with this index"):
         reassembler.add(forged, memoryview(other))
 
@@ -115,7 +114,7 @@ def test_consistently_forged_chunk_is_caught_by_the_whole_payload_digest(
         reassembler.add(*chunk)
     envelope, part = chunks[-1]
     swapped = bytes(len(part))  # same length, its own matching chunk digest
-    forged = envelope.model_copy(update={"chunk_digest": hashlib.sha256(swapped).hexdigest()})
+    forged = envelope.model_copy(update={"chunk_digest": chunk_checksum(swapped)})
     with pytest.raises(ChunkError, match="reassembled payload"):
         reassembler.add(forged, memoryview(swapped))
     assert reassembler.pending() == {}
@@ -127,6 +126,12 @@ def test_chunks_of_two_payloads_under_one_id_are_refused(tmp_path: Path, payload
     reassembler = Reassembler(tmp_path)
     reassembler.add(*chunks[0])
     envelope, part = chunks[1]
+    other = envelope.model_copy(update={"payload_size": envelope.payload_size + 1})
+    with pytest.raises(ChunkError, match="two payloads share one message id"):
+        reassembler.add(other, part)
+    reassembler = Reassembler(tmp_path / "again")
+    envelope, part = chunks[-1]
+    reassembler.add(envelope, part)
     other = envelope.model_copy(update={"payload_digest": "0" * 64})
     with pytest.raises(ChunkError, match="two payloads share one message id"):
         reassembler.add(other, part)
@@ -157,3 +162,18 @@ def test_a_transfer_completed_just_before_a_crash_completes_again_on_redelivery(
     assert again is not None and again.read_bytes() == payload
     restarted.release(transfer_key(chunks[0][0]))
     assert not list(tmp_path.iterdir())
+
+
+def test_a_manifest_torn_while_its_first_chunk_was_stored_starts_afresh(
+    tmp_path: Path, payload: bytes
+) -> None:
+    chunks = chunked(payload)
+    key = transfer_key(chunks[0][0])
+    Reassembler(tmp_path).add(*chunks[0])
+    manifest = tmp_path / f"{key}.chunks"
+    manifest.write_text(manifest.read_text()[:20])  # the crash came mid-write, before the ack
+    restarted = Reassembler(tmp_path)
+    assert restarted.missing(key) == []  # no transfer: the first chunk comes again
+    for chunk in chunks:  # redelivered from the first, unacked, chunk on
+        complete = restarted.add(*chunk)
+    assert complete is not None and complete.read_bytes() == payload

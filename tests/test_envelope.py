@@ -51,7 +51,7 @@ def test_valid_envelope_round_trips_through_the_wire_frame() -> None:
         ({"message_id": "not-hex"}, r"envelope.message_id: .*pattern"),
         ({"chunk_index": 1}, "chunk_index 1 must be below chunk_count 1"),
         ({"chunk_count": 3, "chunk_size": 4}, "chunked envelope needs .* chunk_digest"),
-        ({"chunk_count": 5, "chunk_size": 4, "chunk_digest": "b" * 64}, "needs 3"),
+        ({"chunk_count": 5, "chunk_size": 4, "chunk_digest": "b" * 32}, "needs 3"),
         ({"surprise": 1}, r"envelope.surprise: Extra inputs are not permitted"),
         ({"metrics": {"dice": "high"}}, r"envelope.metrics.dice: .*valid number"),
     ],
@@ -63,9 +63,21 @@ def test_each_schema_violation_names_its_field(change: dict[str, Any], message: 
 
 def test_missing_field_is_named() -> None:
     data = update()
-    del data["payload_digest"]
-    with pytest.raises(EnvelopeError, match=r"envelope\.payload_digest: missing; it is required"):
+    del data["job_id"]
+    with pytest.raises(EnvelopeError, match=r"envelope\.job_id: missing; it is required"):
         parse_envelope(data)
+
+
+def test_the_payload_digest_travels_in_the_only_or_last_chunk() -> None:
+    data = update()
+    del data["payload_digest"]
+    with pytest.raises(EnvelopeError, match="payload_digest is missing; the only or last chunk"):
+        parse_envelope(data)
+    chunked = {"chunk_count": 3, "chunk_size": 4, "payload_size": 10, "chunk_digest": "b" * 32}
+    with pytest.raises(EnvelopeError, match="chunk 1/3 carries one; only the last chunk does"):
+        parse_envelope(data | chunked | {"payload_digest": "a" * 64})
+    assert parse_envelope(data | chunked).payload_digest is None
+    assert parse_envelope(data | chunked | {"chunk_index": 2, "payload_digest": "a" * 64})
 
 
 def test_a_non_map_is_not_an_envelope() -> None:

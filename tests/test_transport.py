@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
+import pytest
+import torch
+
+from relay.codec import Encoding, decode, digest, encode
+from relay.envelope import ModelEnvelope
 from relay.errors import AccessRefused, MessageTooLarge, Unroutable
+from relay.frame import decode_frame
+from relay.messaging import Inbox, Outbox
 from relay.topology import (
     DELIVERY_LIMIT,
     ORIGINAL_USER_HEADER,
@@ -136,3 +143,32 @@ def test_requeued_past_the_delivery_limit_is_dead_lettered(
     dead = connect("operator").get(topology.dead_queue, timeout=1)
     assert dead is not None
     assert dead_letter_reason(dead.message.headers) == "broker: delivery_limit"
+
+
+def test_an_encoding_streams_out_in_chunks_and_arrives_whole(
+    connect: Connect, topology: Topology, tmp_path: Path
+) -> None:
+    sender, receiver = connect("site-1"), connect("site-2")
+    sender.declare(topology)
+    state = {f"t{i}": torch.randn(1000 + i) for i in range(5)}  # chunks straddle tensors
+    last = Outbox(sender, topology, sender="site-1").send(
+        ModelEnvelope,
+        Encoding(state),
+        chunk_size=3000,
+        job_id="j",
+        algorithm="cwt",
+        recipient="site-2",
+        hop=1,
+    )
+    assert last.chunk_count > 5 and last.payload_digest == digest(encode(state))
+    inbox, seen, received = Inbox(owner="site-2", spool=tmp_path), [], None
+    while received is None:
+        delivery = receiver.get(topology.site_queue("site-2"), timeout=5)
+        assert delivery is not None, "a chunk went missing"
+        seen.append(decode_frame(delivery.message.body)[0].payload_digest)
+        received = inbox.receive(delivery)
+        receiver.ack(delivery)
+    assert seen == [None] * (last.chunk_count - 1) + [last.payload_digest]
+    assert received.envelope.digest == last.payload_digest
+    out = decode(received.payload)
+    assert all(torch.equal(out[name], state[name]) for name in state)
