@@ -54,6 +54,16 @@ class PhantomData(Section):
     volume_size: int = Field(default=32, ge=16, le=256)
 
 
+class FolderData(Section):
+    """This site's own cases, in the Medical Segmentation Decathlon Task01 layout (``msd``)
+    or the BraTS one (``brats``); see :mod:`node.data`."""
+
+    kind: Literal["msd", "brats"]
+    path: Path
+    limit: int | None = Field(default=None, ge=2, description="read only the first N cases")
+    seed: int = Field(default=0, ge=0, description="the training/validation split's seed")
+
+
 class Party(Section):
     """A party's broker password and its durable spool folder."""
 
@@ -64,7 +74,15 @@ class Party(Section):
 class Site(Party):
     """One site: credentials, spool, and where its data comes from."""
 
-    data: PhantomData
+    data: PhantomData | FolderData = Field(discriminator="kind")
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _phantom_by_default(cls, value: Any) -> Any:
+        # ``kind`` picks the section's schema; a section without one is the phantom.
+        if isinstance(value, dict) and "kind" not in value:
+            return {"kind": "phantom", **value}
+        return value
 
 
 class Aggregator(Party):
@@ -156,4 +174,5 @@ def load(path: Path, environ: Mapping[str, str] | None = None) -> FederationConf
         return FederationConfig.model_validate(data)
     except ValidationError as e:
         source = f"{path}" + (f" with {', '.join(applied)}" if applied else "")
-        raise ConfigError(f"{source}: {describe(e, what='config')}") from e
+        tags = {"data": ("phantom", "msd", "brats")}  # the data section's kinds
+        raise ConfigError(f"{source}: {describe(e, what='config', tags=tags)}") from e

@@ -12,7 +12,8 @@ import threading
 import time
 from types import FrameType
 
-from node.config import FederationConfig
+from node.config import FederationConfig, FolderData
+from node.data import cases_from, read_cases
 from node.phantom import federation_site
 from node.results import write_job
 from node.site import SiteNode
@@ -32,17 +33,22 @@ def site_node(config: FederationConfig, name: str) -> SiteNode:
     """Site ``name``'s node, connected, with its data loaded."""
     section = config.site(name)
     data = section.data
-    _, images, labels = federation_site(
-        seed=data.seed,
-        index=data.index,
-        sites=data.of,
-        cases_per_site=data.cases_per_site,
-        size=data.volume_size,
-    )
+    if isinstance(data, FolderData):
+        cases = read_cases(data.kind, data.path, limit=data.limit)
+        log.info("site %s: %d %s cases read from %s", name, len(cases), data.kind, data.path)
+    else:
+        _, images, labels = federation_site(
+            seed=data.seed,
+            index=data.index,
+            sites=data.of,
+            cases_per_site=data.cases_per_site,
+            size=data.volume_size,
+        )
+        cases = cases_from(images, labels, prefix=name)
     transport = AmqpTransport(config.broker_settings(name, section.password))
     return SiteNode(
         name=name,
-        algo_factory=trainer_factory(images, labels, seed=data.seed),
+        algo_factory=trainer_factory(cases, seed=data.seed),
         transport=transport,
         topology=config.topology(),
         spool=section.spool,

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, Field, model_validator
 
+from node.data import cases_from
 from node.models import initial_weights
 from node.options import JobOptions
 from node.phantom import SiteProfile, federation_site
@@ -134,12 +135,16 @@ class SimulationResult(BaseModel):
 def weighted_overall(
     per_site: dict[str, dict[str, float]], counts: dict[str, int]
 ) -> dict[str, float]:
-    """Each metric averaged over sites, weighted by their validation cases."""
-    total = sum(counts[s] for s in per_site)
+    """Each metric averaged over the sites that report it, weighted by their validation cases
+    (a distance such as HD95 is undefined at a site where no case had the region)."""
     keys = sorted({k for metrics in per_site.values() for k in metrics})
-    if total == 0:
-        return {}
-    return {k: sum(per_site[s].get(k, 0.0) * counts[s] for s in per_site) / total for k in keys}
+    overall = {}
+    for key in keys:
+        sites = [s for s in per_site if key in per_site[s] and counts[s] > 0]
+        if sites:
+            total = sum(counts[s] for s in sites)
+            overall[key] = sum(per_site[s][key] * counts[s] for s in sites) / total
+    return overall
 
 
 def _site_data(
@@ -209,7 +214,7 @@ class Federation:
         data: dict[str, SiteData] = {}
         baselines: dict[str, SiteAlgo] = {}
         for name, profile, images, labels in _site_data(config):
-            factory = trainer_factory(images, labels, seed=config.seed)
+            factory = trainer_factory(cases_from(images, labels, prefix=name), seed=config.seed)
             algo = baselines[name] = factory(job)
             sites.append(
                 SiteNode(

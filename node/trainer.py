@@ -8,15 +8,19 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import torch
+from monai.inferers import sliding_window_inference
 from monai.losses import DiceLoss
-from monai.metrics import DiceMetric
+from monai.metrics import DiceMetric, compute_hausdorff_distance
 
+from node.data import Case
 from node.models import build_model
 from node.phantom import REGIONS
 from relay.codec import StateDict
@@ -28,25 +32,35 @@ _THRESHOLD = 0.5
 
 @dataclass(frozen=True)
 class Dice:
-    """Dice scores on a site's validation cases for the three BraTS regions, each in [0, 1]."""
+    """Scores on a site's validation cases for the three BraTS regions: Dice in [0, 1], and
+    the 95th-percentile Hausdorff distance (in mm, from the cases' voxel spacing) where it is
+    defined (None when no case had the region both labelled and predicted)."""
 
     wt: float
     tc: float
     et: float
+    hd95_wt: float | None = None
+    hd95_tc: float | None = None
+    hd95_et: float | None = None
 
     @property
     def mean(self) -> float:
-        """The unweighted mean over WT, TC and ET."""
+        """The unweighted mean Dice over WT, TC and ET."""
         return (self.wt + self.tc + self.et) / 3
 
     def as_dict(self) -> dict[str, float]:
-        """Flat metric names for logs and reports."""
-        return {
+        """Flat metric names for logs and reports; undefined distances are left out."""
+        scores = {
             "dice_wt": self.wt,
             "dice_tc": self.tc,
             "dice_et": self.et,
             "dice_mean": self.mean,
         }
+        for region in REGIONS:
+            distance = getattr(self, f"hd95_{region}")
+            if distance is not None:
+                scores[f"hd95_{region}"] = distance
+        return scores
 
 
 @dataclass(frozen=True)
@@ -113,8 +127,12 @@ class SegmentationTrainer:
     """:class:`SiteAlgo` for BraTS-style segmentation of one site's cases, on CPU.
 
     The cases are split once, from ``seed``, into training and validation cases. Training
-    uses Dice + BCE on sigmoid outputs and Adam; each call of :meth:`train` shuffles with a
-    generator seeded from ``(seed, round)``, so the same inputs give the same weights.
+    uses Dice + BCE on sigmoid outputs and Adam, on whole volumes, or, with the job's
+    ``training.patch_size``, on random crops of that size, half of them centred on tumour
+    (as MONAI's ``RandCropByPosNegLabeld``); evaluation then runs by sliding window over each
+    whole case, so real, full-size volumes of any size are scored. Each call of :meth:`train`
+    draws from a generator seeded from ``(seed, round)``, so the same inputs give the same
+    weights.
 
     With ``training.keep_optimizer_state`` the Adam state (moment estimates) of each job is
     kept between calls, in a dict keyed by ``job_id``, so a FedAvg site does not restart Adam
@@ -127,33 +145,30 @@ class SegmentationTrainer:
         *,
         model: ModelSpec,
         training: TrainingSpec,
-        images: torch.Tensor,
-        labels: torch.Tensor,
+        cases: Sequence[Case],
         val_fraction: float = 0.25,
         seed: int,
         augment: bool = True,
     ) -> None:
-        _check_data(model, images, labels)
+        _check_cases(model, training, cases)
         if not 0 < val_fraction < 1:
             raise ConfigError(f"val_fraction = {val_fraction}; expected a fraction in (0, 1)")
         if seed < 0:
             raise ConfigError(f"seed = {seed}; expected an integer >= 0")
-        cases = images.shape[0]
-        n_val = max(1, round(cases * val_fraction))
-        if cases - n_val < 1:
+        n_val = max(1, round(len(cases) * val_fraction))
+        if len(cases) - n_val < 1:
             raise ConfigError(
-                f"{cases} case(s) with val_fraction = {val_fraction} leave none to train on; "
-                "give the site more cases or lower val_fraction"
+                f"{len(cases)} case(s) with val_fraction = {val_fraction} leave none to train "
+                "on; give the site more cases or lower val_fraction"
             )
-        order = torch.randperm(cases, generator=torch.Generator().manual_seed(seed))
-        val, train = order[:n_val], order[n_val:]
-        self._train_images = images[train].float().contiguous()
-        self._train_labels = labels[train].float().contiguous()
-        self._val_images = images[val].float().contiguous()
-        self._val_labels = labels[val].float().contiguous()
+        order = torch.randperm(len(cases), generator=torch.Generator().manual_seed(seed))
+        self._val = [cases[i] for i in order[:n_val].tolist()]
+        self._train = [cases[i] for i in order[n_val:].tolist()]
+        self._tumour = [torch.nonzero(case.label[0]) for case in self._train]
 
         self._spec = model
         self._training = training
+        self._patch = training.patch_size
         self._seed = seed
         self._augment = augment
         # The network is built once and reloaded by every call; under a forked RNG so that
@@ -167,12 +182,12 @@ class SegmentationTrainer:
     @property
     def train_count(self) -> int:
         """Cases this site trains on."""
-        return int(self._train_images.shape[0])
+        return len(self._train)
 
     @property
     def validation_count(self) -> int:
         """Cases this site holds out for evaluation."""
-        return int(self._val_images.shape[0])
+        return len(self._val)
 
     def train(self, weights: StateDict, *, epochs: int, job_id: str, round: int) -> TrainResult:
         """Train from ``weights`` for ``epochs`` over the training cases; returns new tensors."""
@@ -187,11 +202,11 @@ class SegmentationTrainer:
         cases, batch_size = self.train_count, self._training.batch_size
         epoch_loss = 0.0
         for _ in range(epochs):
-            order = torch.randperm(cases, generator=generator)
+            order = torch.randperm(cases, generator=generator).tolist()
             total = 0.0
             for start in range(0, cases, batch_size):
                 batch = order[start : start + batch_size]
-                images, labels = self._train_images[batch], self._train_labels[batch]
+                images, labels = self._batch(batch, generator)
                 if self._augment:
                     images, labels = _random_flip(images, labels, generator)
                 optimizer.zero_grad(set_to_none=True)
@@ -203,29 +218,74 @@ class SegmentationTrainer:
         return TrainResult(weights=self._weights(), sample_count=cases, loss=epoch_loss)
 
     def evaluate(self, members: Sequence[StateDict]) -> Dice:
-        """Dice on the validation cases of one model, or of the ensemble of ``members``."""
+        """Scores on the validation cases of one model, or of the ensemble of ``members``."""
         if not members:
             raise ValueError("evaluate needs at least one set of weights; got none")
-        probabilities = torch.zeros_like(self._val_labels)
-        batch_size = self._training.batch_size
+        probabilities = [torch.zeros_like(case.label) for case in self._val]
         for member in members:
             self._load(member)
             self._model.eval()
             with torch.inference_mode():
-                for start in range(0, self.validation_count, batch_size):
-                    images = self._val_images[start : start + batch_size]
-                    probabilities[start : start + batch_size] += torch.sigmoid(self._model(images))
-        prediction = (probabilities / len(members) >= _THRESHOLD).float()
+                for index, case in enumerate(self._val):
+                    probabilities[index] += self._probabilities(case.image)
         # ignore_empty=False: a region absent from a case and from its prediction scores 1,
         # not NaN, so the mean stays defined.
-        metric = DiceMetric(include_background=True, reduction="mean_batch", ignore_empty=False)
-        metric(y_pred=prediction, y=self._val_labels)
-        scores = [float(value) for value in metric.aggregate().tolist()]
-        return Dice(**dict(zip(REGIONS, scores, strict=True)))
+        dice = DiceMetric(include_background=True, reduction="mean_batch", ignore_empty=False)
+        distances: list[list[float]] = [[] for _ in REGIONS]
+        for total, case in zip(probabilities, self._val, strict=True):
+            prediction = (total / len(members) >= _THRESHOLD).float()[None]
+            dice(y_pred=prediction, y=case.label[None])
+            for region, distance in enumerate(_hd95(prediction, case)):
+                if math.isfinite(distance):
+                    distances[region].append(distance)
+        scores = [float(value) for value in dice.aggregate().tolist()]
+        hd95 = [sum(d) / len(d) if d else None for d in distances]
+        return Dice(*scores, *hd95)
 
     def finalize(self, job_id: str) -> None:
         """Drop the optimizer state kept for ``job_id``; a no-op if none is kept."""
         self._optimizers.pop(job_id, None)
+
+    def _batch(
+        self, indices: list[int], generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._patch is None:
+            images = [self._train[i].image for i in indices]
+            labels = [self._train[i].label for i in indices]
+        else:
+            crops = [self._crop(i, self._patch, generator) for i in indices]
+            images, labels = [c[0] for c in crops], [c[1] for c in crops]
+        return torch.stack(images), torch.stack(labels)
+
+    def _crop(
+        self, index: int, patch: tuple[int, int, int], generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        case, tumour = self._train[index], self._tumour[index]
+        image, label = _pad_to(case.image, patch), _pad_to(case.label, patch)
+        size = image.shape[1:]
+        if len(tumour) and torch.rand((), generator=generator).item() < 0.5:
+            centre = tumour[int(torch.randint(len(tumour), (), generator=generator))].tolist()
+        else:
+            centre = [int(torch.randint(side, (), generator=generator)) for side in size]
+        start = [
+            min(max(c - p // 2, 0), s - p) for c, p, s in zip(centre, patch, size, strict=True)
+        ]
+        window = tuple(slice(b, b + p) for b, p in zip(start, patch, strict=True))
+        return image[(slice(None), *window)], label[(slice(None), *window)]
+
+    def _probabilities(self, image: torch.Tensor) -> torch.Tensor:
+        if self._patch is None:
+            return torch.sigmoid(self._model(image[None]))[0]
+        logits = sliding_window_inference(
+            image[None],
+            roi_size=self._patch,
+            sw_batch_size=self._training.batch_size,
+            predictor=self._model,
+            overlap=0.25,
+            mode="gaussian",
+        )
+        assert isinstance(logits, torch.Tensor)
+        return torch.sigmoid(logits)[0]
 
     def _optimizer(self, job_id: str) -> torch.optim.Adam:
         if not self._training.keep_optimizer_state:
@@ -255,33 +315,68 @@ class SegmentationTrainer:
         }
 
 
-def _check_data(spec: ModelSpec, images: torch.Tensor, labels: torch.Tensor) -> None:
-    if images.ndim != 5 or labels.ndim != 5:
-        raise ConfigError(
-            f"images {tuple(images.shape)} and labels {tuple(labels.shape)}: "
-            "expected 5-D tensors [cases, channels, D, H, W]"
+def _hd95(prediction: torch.Tensor, case: Case) -> list[float]:
+    """Per region, the 95th-percentile Hausdorff distance in mm; NaN or inf when a region is
+    empty in the labels or the prediction, where it is undefined."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI warns for every empty region
+        distances = compute_hausdorff_distance(
+            prediction,
+            case.label[None],
+            include_background=True,
+            percentile=95,
+            spacing=list(case.spacing),
         )
-    if images.shape[1] != spec.in_channels:
+    return [float(d) for d in distances[0].tolist()]
+
+
+def _pad_to(volume: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
+    short = [max(0, p - s) for p, s in zip(patch, volume.shape[1:], strict=True)]
+    if not any(short):
+        return volume
+    # F.pad lists the last dimension first; background after z-normalisation is 0.
+    pads = [amount for side in reversed(short) for amount in (side // 2, side - side // 2)]
+    return torch.nn.functional.pad(volume, pads)
+
+
+def _check_cases(spec: ModelSpec, training: TrainingSpec, cases: Sequence[Case]) -> None:
+    for case in cases:
+        image, label = case.image, case.label
+        if image.ndim != 4 or label.ndim != 4:
+            raise ConfigError(
+                f"case {case.name}: image {tuple(image.shape)} and label {tuple(label.shape)}; "
+                "expected 4-D tensors [channels, D, H, W]"
+            )
+        if image.shape[0] != spec.in_channels:
+            raise ConfigError(
+                f"case {case.name}: {image.shape[0]} image channels; model.in_channels = "
+                f"{spec.in_channels}"
+            )
+        if spec.out_channels != len(REGIONS) or label.shape[0] != len(REGIONS):
+            raise ConfigError(
+                f"case {case.name}: model.out_channels = {spec.out_channels}, label has "
+                f"{label.shape[0]} channels; expected {len(REGIONS)} ({', '.join(REGIONS)})"
+            )
+        if image.shape[1:] != label.shape[1:]:
+            raise ConfigError(
+                f"case {case.name}: image {tuple(image.shape)} and label "
+                f"{tuple(label.shape)} differ in volume size"
+            )
+    if training.patch_size is not None:
+        return
+    sizes = sorted({tuple(case.image.shape[1:]) for case in cases})
+    if len(sizes) > 1:
         raise ConfigError(
-            f"images have {images.shape[1]} channels; model.in_channels = {spec.in_channels}"
-        )
-    if spec.out_channels != len(REGIONS) or labels.shape[1] != len(REGIONS):
-        raise ConfigError(
-            f"model.out_channels = {spec.out_channels}, labels have {labels.shape[1]} channels; "
-            f"expected {len(REGIONS)} ({', '.join(REGIONS)})"
-        )
-    if images.shape[0] != labels.shape[0] or images.shape[2:] != labels.shape[2:]:
-        raise ConfigError(
-            f"images {tuple(images.shape)} and labels {tuple(labels.shape)} "
-            "differ in case count or volume size"
+            f"cases differ in size ({sizes[0]} ... {sizes[-1]}); whole-volume training needs "
+            "one size: set the job's training.patch_size to train on crops"
         )
     # Each level halves the volume and the decoder adds skip connections back, so every
     # side must divide evenly all the way down.
     factor = 2 ** (spec.depth - 1)
-    if any(side % factor for side in images.shape[2:]):
+    if sizes and any(side % factor for side in sizes[0]):
         raise ConfigError(
-            f"volume size {tuple(images.shape[2:])} is not divisible by {factor}, "
-            f"as model.depth = {spec.depth} needs; resize the volumes or lower the depth"
+            f"volume size {sizes[0]} is not divisible by {factor}, as model.depth = "
+            f"{spec.depth} needs; set the job's training.patch_size, or lower the depth"
         )
 
 
@@ -301,14 +396,10 @@ def _random_flip(
     return images.flip(axes), labels.flip(axes)
 
 
-def trainer_factory(
-    images: torch.Tensor, labels: torch.Tensor, *, seed: int
-) -> Callable[[JobSpec], SiteAlgo]:
+def trainer_factory(cases: Sequence[Case], *, seed: int) -> Callable[[JobSpec], SiteAlgo]:
     """A site's trainers: one per job, on this site's cases, with the job's model and settings."""
 
     def make(job: JobSpec) -> SiteAlgo:
-        return SegmentationTrainer(
-            model=job.model, training=job.training, images=images, labels=labels, seed=seed
-        )
+        return SegmentationTrainer(model=job.model, training=job.training, cases=cases, seed=seed)
 
     return make

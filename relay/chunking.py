@@ -53,6 +53,7 @@ def chunk_length(envelope: EnvelopeBase) -> int:
 
 @dataclass
 class _Transfer:
+    slot: str
     payload_size: int
     chunk_count: int
     chunk_size: int
@@ -65,8 +66,12 @@ class _Transfer:
     in_order: int = 0
     hashed: Future[None] | None = None
 
-    def layout(self) -> tuple[int, int, int]:
-        return (self.payload_size, self.chunk_count, self.chunk_size)
+    def layout(self) -> tuple[str, int, int, int]:
+        return (self.slot, self.payload_size, self.chunk_count, self.chunk_size)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.received) == self.chunk_count
 
 
 def transfer_key(envelope: EnvelopeBase) -> str:
@@ -74,12 +79,30 @@ def transfer_key(envelope: EnvelopeBase) -> str:
     return f"{envelope.sender}-{envelope.message_id}"
 
 
+def _layout(envelope: EnvelopeBase) -> tuple[str, int, int, int]:
+    # What every chunk of one message must agree on: the message it belongs to, and its cut.
+    slot = "|".join(
+        str(part)
+        for part in (
+            envelope.kind,
+            envelope.job_id,
+            envelope.round,
+            envelope.hop,
+            envelope.recipient,
+            getattr(envelope, "task", None),
+            getattr(envelope, "sample_count", None),
+        )
+    )
+    return (slot, envelope.payload_size, envelope.chunk_count, envelope.chunk_size)
+
+
 class Reassembler:
     """Reassembles chunked payloads on disk, detecting loss, duplicates, mix-ups and corruption.
 
     A transfer is keyed by :func:`transfer_key`. Its manifest is an append-only log (a JSON
-    layout line, then one ``index digest`` line per stored chunk), so recording a chunk costs
-    the same however many came before, and a restarted receiver picks up where it was.
+    layout line, then one ``index checksum`` line per stored chunk and a ``sha256 digest``
+    line with the last chunk), so recording a chunk costs the same however many came before,
+    and a restarted receiver picks up where it was.
     """
 
     def __init__(self, directory: Path) -> None:
@@ -88,13 +111,26 @@ class Reassembler:
         self._transfers: dict[str, _Transfer] = {}
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedrelay-sha256")
         for manifest in directory.glob("*.chunks"):
-            try:
-                self._transfers[manifest.name.removesuffix(".chunks")] = _load(manifest)
-            except (ValueError, TypeError, IndexError):
+            key = manifest.name.removesuffix(".chunks")
+            if not _trim_torn_tail(manifest):
                 # Torn while its first chunk was being stored, before that chunk's ack: the
                 # broker delivers the chunk again and the transfer starts afresh.
-                log.warning("spool manifest %s is unreadable; starting it afresh", manifest)
+                log.warning("spool manifest %s was torn before its first record", manifest)
                 manifest.unlink()
+                continue
+            try:
+                self._transfers[key] = _load(manifest)
+            except (ValueError, TypeError, KeyError) as e:
+                # Not ours to guess at (another version's layout?): kept aside, never lost.
+                aside = manifest.with_suffix(".unreadable")
+                manifest.replace(aside)
+                log.error(
+                    "spool manifest %s is unreadable (%s); moved to %s with its part file "
+                    "left in place; its chunks must be sent again",
+                    manifest,
+                    e,
+                    aside.name,
+                )
 
     def _part(self, key: str) -> Path:
         return self.directory / f"{key}.part"
@@ -102,11 +138,15 @@ class Reassembler:
     def _manifest(self, key: str) -> Path:
         return self.directory / f"{key}.chunks"
 
+    def _complete(self, key: str) -> Path:
+        return self.directory / f"{key}.payload"
+
     def payload_digest(self, key: str) -> str:
         """The sha256 a complete transfer was verified against."""
-        digest = self._transfers[key].payload_digest
-        assert digest is not None, "only a complete transfer has it"
-        return digest
+        transfer = self._transfers.get(key)
+        if transfer is None or transfer.payload_digest is None:
+            raise ChunkError(f"message {key}: no complete transfer")
+        return transfer.payload_digest
 
     def pending(self) -> dict[str, list[int]]:
         """Incomplete transfers and the chunk indices each still misses."""
@@ -123,6 +163,12 @@ class Reassembler:
         """Forget a transfer and delete what it had on disk."""
         self.release(key)
         self._part(key).unlink(missing_ok=True)
+
+    def release(self, key: str) -> None:
+        """The complete payload is safe elsewhere (or refused): forget the transfer."""
+        self._transfers.pop(key, None)
+        self._manifest(key).unlink(missing_ok=True)
+        self._complete(key).unlink(missing_ok=True)
 
     def add(self, envelope: EnvelopeBase, data: memoryview) -> Path | None:
         """Store one chunk durably; return the complete, verified payload file after the last.
@@ -141,31 +187,37 @@ class Reassembler:
         expected = chunk_length(envelope)
         if len(data) != expected:
             raise ChunkError(f"{where}: holds {len(data)} bytes, expected {expected}")
-        chunk_digest = chunk_checksum(data)
-        if chunk_digest != envelope.chunk_digest:
+        checksum = chunk_checksum(data)
+        if checksum != envelope.chunk_digest:
             raise ChunkError(
-                f"{where}: corrupt (checksum {chunk_digest[:12]}… differs from the header's)"
+                f"{where}: corrupt (checksum {checksum[:12]}… differs from the header's)"
             )
-        layout = (envelope.payload_size, envelope.chunk_count, envelope.chunk_size)
+        layout = _layout(envelope)
         transfer = self._transfers.get(key)
-        if (
-            transfer is not None
-            and len(transfer.received) == transfer.chunk_count
-            and self._complete(key).exists()
-        ):
-            return self._complete(key)  # completed before a crash; a chunk came again
-        digests = {transfer.payload_digest, envelope.payload_digest} - {None} if transfer else set()
-        if transfer is not None and (transfer.layout() != layout or len(digests) > 1):
-            raise ChunkError(
-                f"{where}: payload digest/size/chunk layout differ from the transfer's "
-                "earlier chunks; two payloads share one message id"
-            )
-        if transfer is not None and envelope.chunk_index in transfer.received:
-            if transfer.received[envelope.chunk_index] == chunk_digest:
-                return None
-            raise ChunkError(f"{where}: a different chunk with this index was already received")
+        if transfer is not None:
+            digests = {transfer.payload_digest, envelope.payload_digest} - {None}
+            if transfer.layout() != layout or len(digests) > 1:
+                raise ChunkError(
+                    f"{where}: its message, payload digest, size or chunk layout differ from "
+                    "the transfer's earlier chunks; two payloads share one message id"
+                )
         try:
-            return self._store(key, (transfer, layout), envelope, chunk_digest, data)
+            if transfer is not None and envelope.chunk_index in transfer.received:
+                if transfer.received[envelope.chunk_index] != checksum:
+                    raise ChunkError(
+                        f"{where}: a different chunk with this index was already received"
+                    )
+                # A redelivery: the crash that caused it may have come between recording
+                # the last chunk and finishing, or torn the digest's line away.
+                if transfer.payload_digest is None and envelope.payload_digest is not None:
+                    append_line(self._manifest(key), f"sha256 {envelope.payload_digest}")
+                    transfer.payload_digest = envelope.payload_digest
+                if not transfer.complete:
+                    return None
+                if self._complete(key).exists():
+                    return self._complete(key)
+                return self._finish(key, transfer)
+            return self._store(key, (transfer, layout), envelope, checksum, data)
         except OSError as e:
             self.discard(key)
             raise ChunkError(f"{where}: cannot be written to the spool ({e})") from e
@@ -173,22 +225,18 @@ class Reassembler:
     def _store(
         self,
         key: str,
-        known: tuple[_Transfer | None, tuple[int, int, int]],
+        known: tuple[_Transfer | None, tuple[str, int, int, int]],
         envelope: EnvelopeBase,
-        chunk_digest: str,
+        checksum: str,
         data: memoryview,
     ) -> Path | None:
         transfer, layout = known
         index = envelope.chunk_index
         records = []
         if transfer is None:
-            header = {
-                "payload_size": envelope.payload_size,
-                "chunk_count": envelope.chunk_count,
-                "chunk_size": envelope.chunk_size,
-            }
             transfer = _Transfer(*layout, received={}, running=hashlib.sha256())
             self._transfers[key] = transfer
+            header = dict(zip(_HEADER, layout, strict=True))
             records.append(json.dumps(header))
         part = self._part(key)
         with part.open("r+b" if part.exists() else "wb") as f:
@@ -200,30 +248,34 @@ class Reassembler:
         # names durable at once.
         if envelope.payload_digest is not None:
             records.append(f"sha256 {envelope.payload_digest}")
-        records.append(f"{index} {chunk_digest}")
+        records.append(f"{index} {checksum}")
         append_line(self._manifest(key), "\n".join(records))
-        transfer.received[index] = chunk_digest
+        transfer.received[index] = checksum
         transfer.payload_digest = transfer.payload_digest or envelope.payload_digest
         if transfer.running is not None and index == transfer.in_order:
             # One worker: updates run in the order they are submitted. hashlib releases the
             # GIL, so this thread goes on to ack the chunk and take the next.
             transfer.hashed = self._hasher.submit(transfer.running.update, data)
             transfer.in_order += 1
-        if len(transfer.received) < transfer.chunk_count:
+        if not transfer.complete:
             return None
+        return self._finish(key, transfer)
+
+    def _finish(self, key: str, transfer: _Transfer) -> Path:
+        """Verify the whole payload against the last chunk's digest; move it into place."""
+        part = self._part(key)
         if transfer.running is not None and transfer.in_order == transfer.chunk_count:
-            assert transfer.hashed is not None
-            transfer.hashed.result()
+            if transfer.hashed is not None:
+                transfer.hashed.result()
             actual = transfer.running.hexdigest()
         else:
             actual = file_digest(part)
         expected = transfer.payload_digest
-        assert expected is not None  # the last chunk, which carries it, is stored
         if actual != expected:
             self.discard(key)
             raise ChunkError(
-                f"message {key}: reassembled payload has sha256 {actual[:12]}…, header says "
-                f"{expected[:12]}…; the transfer is discarded"
+                f"message {key}: reassembled payload has sha256 {actual[:12]}…, the last "
+                f"chunk says {str(expected)[:12]}…; the transfer is discarded"
             )
         complete = self._complete(key)
         part.replace(complete)
@@ -232,14 +284,24 @@ class Reassembler:
         # must leave a transfer that a redelivered last chunk completes again.
         return complete
 
-    def _complete(self, key: str) -> Path:
-        return self.directory / f"{key}.payload"
 
-    def release(self, key: str) -> None:
-        """The complete payload is safe elsewhere (or refused): forget the transfer."""
-        self._transfers.pop(key, None)
-        self._manifest(key).unlink(missing_ok=True)
-        self._complete(key).unlink(missing_ok=True)
+_HEADER = ("slot", "payload_size", "chunk_count", "chunk_size")
+
+
+def _trim_torn_tail(manifest: Path) -> bool:
+    """Cut a record torn by a crash (never acked, so it comes again) off the manifest's end,
+    so the next record starts on a line of its own. False if not even the header survived."""
+    data = manifest.read_bytes()
+    if data.endswith(b"\n"):
+        return True
+    keep = data.rfind(b"\n") + 1
+    if keep == 0:
+        return False
+    with manifest.open("r+b") as f:
+        f.truncate(keep)
+        f.flush()
+        os.fdatasync(f.fileno())
+    return True
 
 
 def _load(manifest: Path) -> _Transfer:
@@ -248,10 +310,12 @@ def _load(manifest: Path) -> _Transfer:
     received: dict[int, str] = {}
     payload_digest = None
     for line in lines[1:]:
-        index, _, digest = line.partition(" ")
-        # A torn last line is a chunk not recorded: it was not acked, and comes again.
-        if index.isdigit() and len(digest) == 32:
-            received[int(index)] = digest
-        elif index == "sha256" and len(digest) == 64:
-            payload_digest = digest
-    return _Transfer(received=received, payload_digest=payload_digest, **header)
+        index, _, value = line.partition(" ")
+        if index.isdigit() and len(value) == 32:
+            received[int(index)] = value
+        elif index == "sha256" and len(value) == 64:
+            payload_digest = value
+        else:
+            raise ValueError(f"record {line[:80]!r} is not a chunk's or the payload's")
+    slot, size, count, chunk_size = (header[name] for name in _HEADER)
+    return _Transfer(slot, size, count, chunk_size, received, payload_digest)

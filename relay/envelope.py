@@ -18,7 +18,7 @@ from relay.errors import EnvelopeError
 from relay.jobspec import MAX_CHUNK_SIZE, MAX_SITES, NAME_PATTERN, Algorithm, Frozen
 from relay.validation import parse
 
-SCHEMA_VERSION: Literal[1] = 1
+SCHEMA_VERSION: Literal[2] = 2
 """The only envelope schema this build reads and writes."""
 
 AGGREGATOR = "aggregator"
@@ -77,7 +77,7 @@ class EnvelopeBase(Frozen):
     """Fields every envelope has."""
 
     kind: Kind
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[2] = SCHEMA_VERSION
     message_id: str = Field(default_factory=new_message_id, pattern=r"^[0-9a-f]{32}$")
     job_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     algorithm: Algorithm

@@ -71,6 +71,9 @@ class ModelSpec(Frozen):
     depth: int = Field(default=4, ge=2, le=6, description="resolution levels")
 
 
+PatchSide = Annotated[int, Field(ge=8, le=512)]
+
+
 class TrainingSpec(Frozen):
     """Local training at each site."""
 
@@ -80,6 +83,11 @@ class TrainingSpec(Frozen):
     keep_optimizer_state: bool = Field(
         default=True,
         description="a site keeps its Adam state between rounds of the same job",
+    )
+    patch_size: tuple[PatchSide, PatchSide, PatchSide] | None = Field(
+        default=None,
+        description="train on random crops of this size (half centred on tumour) and "
+        "evaluate by sliding window; None trains and evaluates on whole, equal-sized volumes",
     )
 
 
@@ -113,6 +121,12 @@ class JobSpec(Frozen):
         if self.min_sites is not None and self.min_sites > len(self.sites):
             raise ValueError(
                 f"'min_sites' = {self.min_sites} is more than the {len(self.sites)} sites"
+            )
+        patch, factor = self.training.patch_size, 2 ** (self.model.depth - 1)
+        if patch is not None and any(side % factor for side in patch):
+            raise ValueError(
+                f"training.patch_size {list(patch)} is not divisible by {factor}, as "
+                f"model.depth = {self.model.depth} needs; use multiples of {factor}"
             )
         return self
 

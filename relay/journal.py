@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from relay.envelope import Envelope, parse_envelope, to_wire
+from relay.errors import ConfigError, EnvelopeError
 from relay.messaging import Received
 from relay.storage import append_line, map_file, replace_file, write_file
 
@@ -83,7 +84,14 @@ class Journal:
         for path in sorted(p for p in self.directory.glob("*.json") if p.stem.isdigit()):
             record = json.loads(path.read_text())
             entry = Entry(path.stem, record["key"], record.get("attempts", 0))
-            entries.append((entry, parse_envelope(record["envelope"])))
+            try:
+                envelope = parse_envelope(record["envelope"])
+            except EnvelopeError as e:
+                raise ConfigError(
+                    f"journal entry {path}: {e}. It was written by another fedrelay version: "
+                    "let that version finish its work, or move the spool aside to start afresh"
+                ) from e
+            entries.append((entry, envelope))
         return entries
 
     def pending(self) -> list[tuple[Entry, Received]]:

@@ -178,7 +178,12 @@ def check_chunking(envelope: Envelope, chunk_size: int) -> None:
 
 
 def dedup_key(envelope: Envelope) -> str:
-    """What makes two messages the same: a copy of a handled one is dropped."""
+    """What makes two messages the same: a copy of a handled one is dropped; a different
+    message in the same place (a replay, a second update) is left to the workflows to refuse.
+
+    Only a complete message (or a chunked one's last chunk) carries the payload digest, so an
+    exact copy of a chunked message is recognised at its last chunk; its earlier chunks are
+    handled as a new transfer's until then, and what they stored is discarded there."""
     task = getattr(envelope, "task", None)
     stage = getattr(envelope, "stage", None)
     parts = (
@@ -187,7 +192,7 @@ def dedup_key(envelope: Envelope) -> str:
         envelope.round,
         envelope.hop,
         envelope.sender,
-        envelope.payload_digest,  # None in a chunk but the last: never a complete message's key
+        envelope.payload_digest,
         task,
         stage,
     )
@@ -226,8 +231,6 @@ class Inbox:
             )
         if dedup_key(envelope) in self._seen:
             # Before screening: a copy of a job's last message may arrive after the job ended.
-            # Only a complete message's key matches (chunks before the last carry no digest):
-            # what the copy's earlier chunks stored goes.
             log.info("duplicate %s from %s ignored", envelope.kind, envelope.sender)
             if envelope.is_chunked:
                 self.reassembler.discard(transfer_key(envelope))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -18,11 +19,23 @@ def _shown(value: Any) -> str:
     return text if len(text) <= _MAX_SHOWN else text[: _MAX_SHOWN - 3] + "..."
 
 
-def describe(error: ValidationError, *, what: str) -> str:
-    """One line per problem: ``<what>.<field>: got <value>; expected <pydantic's words>``."""
+def describe(
+    error: ValidationError, *, what: str, tags: Mapping[str, Collection[str]] | None = None
+) -> str:
+    """One line per problem: ``<what>.<field>: got <value>; expected <pydantic's words>``.
+
+    ``tags`` names the discriminated unions: under field ``f``, pydantic puts the chosen
+    member's tag in the location, where the user wrote no such key; it is left out.
+    """
     lines = []
     for problem in error.errors(include_url=False):
-        field = ".".join(str(part) for part in problem["loc"])
+        loc = problem["loc"]
+        shown = [
+            part
+            for i, part in enumerate(loc)
+            if not (tags and i and str(part) in tags.get(str(loc[i - 1]), ()))
+        ]
+        field = ".".join(str(part) for part in shown)
         message = problem["msg"].removeprefix("Value error, ")
         if not field:
             lines.append(f"{what}: {message}")

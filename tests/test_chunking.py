@@ -177,3 +177,57 @@ def test_a_manifest_torn_while_its_first_chunk_was_stored_starts_afresh(
     for chunk in chunks:  # redelivered from the first, unacked, chunk on
         complete = restarted.add(*chunk)
     assert complete is not None and complete.read_bytes() == payload
+
+
+def test_a_crash_between_the_last_record_and_the_finish_completes_on_redelivery(
+    tmp_path: Path, payload: bytes
+) -> None:
+    chunks = chunked(payload)
+    key = transfer_key(chunks[0][0])
+    first = Reassembler(tmp_path)
+    for chunk in chunks:
+        first.add(*chunk)
+    # As if the process died right after recording the last chunk, before the rename.
+    (tmp_path / f"{key}.payload").replace(tmp_path / f"{key}.part")
+    restarted = Reassembler(tmp_path)
+    again = restarted.add(*chunks[-1])  # the unacked last chunk comes again
+    assert again is not None and again.read_bytes() == payload
+
+
+def test_a_torn_record_is_cut_off_so_the_next_one_is_not_lost(
+    tmp_path: Path, payload: bytes
+) -> None:
+    chunks = chunked(payload)
+    key = transfer_key(chunks[0][0])
+    first = Reassembler(tmp_path)
+    first.add(*chunks[0])
+    first.add(*chunks[1])
+    manifest = tmp_path / f"{key}.chunks"
+    manifest.write_text(manifest.read_text()[:-10])  # chunk 2's record torn: never acked
+    second = Reassembler(tmp_path)
+    assert second.missing(key) == [1, 2, 3, 4]
+    second.add(*chunks[1])  # redelivered
+    third = Reassembler(tmp_path)  # its record must not be glued to the torn one
+    assert third.missing(key) == [2, 3, 4]
+    for chunk in chunks[2:]:
+        complete = third.add(*chunk)
+    assert complete is not None and complete.read_bytes() == payload
+
+
+def test_an_unreadable_manifest_is_kept_aside_not_deleted(tmp_path: Path, payload: bytes) -> None:
+    chunks = chunked(payload)
+    key = transfer_key(chunks[0][0])
+    Reassembler(tmp_path).add(*chunks[0])
+    (tmp_path / f"{key}.chunks").write_text('{"another": "layout"}\n0 abc\n')
+    assert Reassembler(tmp_path).pending() == {}
+    assert (tmp_path / f"{key}.unreadable").exists()
+    assert (tmp_path / f"{key}.part").exists()
+
+
+def test_chunks_that_disagree_on_their_message_are_refused(tmp_path: Path, payload: bytes) -> None:
+    chunks = chunked(payload)
+    reassembler = Reassembler(tmp_path)
+    reassembler.add(*chunks[0])
+    envelope, part = chunks[1]
+    with pytest.raises(ChunkError, match="two payloads share one message id"):
+        reassembler.add(envelope.model_copy(update={"hop": 7}), part)

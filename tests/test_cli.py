@@ -45,7 +45,12 @@ def test_simulate_prints_the_dice_table_and_writes_results_and_model(tmp_path: P
     assert results["status"] == "done"
     assert results["job"]["algorithm"] == "fedavg" and results["job"]["rounds"] == 2
     assert set(results["final"]) == {"site-1", "site-2"}
-    assert set(results["final_overall"]) == {"dice_wt", "dice_tc", "dice_et", "dice_mean"}
+    assert {"dice_wt", "dice_tc", "dice_et", "dice_mean"} <= set(results["final_overall"])
+    assert set(results["final_overall"]) <= {"dice_wt", "dice_tc", "dice_et", "dice_mean"} | {
+        "hd95_wt",
+        "hd95_tc",
+        "hd95_et",
+    }
     trained = [h for h in results["history"] if h["stage"] == "trained"]
     assert [(h["round"], h["site"]) for h in trained] == [
         (0, "site-1"),

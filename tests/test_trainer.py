@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from node.data import Case, cases_from
 from node.models import build_model, initial_weights
 from node.phantom import SiteProfile, generate_cases
-from node.trainer import Dice, SegmentationTrainer, StateDict
+from node.trainer import Dice, SegmentationTrainer, StateDict, _hd95
 from relay.errors import ConfigError, InvalidInput
 from relay.jobspec import ModelSpec, TrainingSpec
 
@@ -29,7 +30,7 @@ def make_trainer(
 ) -> SegmentationTrainer:
     images, labels = data
     return SegmentationTrainer(
-        model=SPEC, training=training, images=images, labels=labels, seed=seed
+        model=SPEC, training=training, cases=cases_from(images, labels, prefix="c"), seed=seed
     )
 
 
@@ -75,14 +76,17 @@ def test_split_is_deterministic_with_at_least_one_case_on_each_side(
     images, labels = data
     with pytest.raises(ConfigError, match="leave none to train on"):
         SegmentationTrainer(
-            model=SPEC, training=TRAINING, images=images[:1], labels=labels[:1], seed=0
+            model=SPEC,
+            training=TRAINING,
+            cases=cases_from(images[:1], labels[:1], prefix="c"),
+            seed=0,
         )
 
 
 def test_volume_not_divisible_by_the_depth_is_a_config_error() -> None:
-    images, labels = generate_cases(SiteProfile(cases=4), size=18, seed=0)
+    cases = cases_from(*generate_cases(SiteProfile(cases=4), size=18, seed=0), prefix="c")
     with pytest.raises(ConfigError, match="divisible by 4"):
-        SegmentationTrainer(model=SPEC, training=TRAINING, images=images, labels=labels, seed=0)
+        SegmentationTrainer(model=SPEC, training=TRAINING, cases=cases, seed=0)
 
 
 def test_training_improves_dice_over_the_initial_weights(
@@ -156,8 +160,8 @@ def test_ensemble_of_two_members_gives_dice_in_the_unit_interval(
     a_before, b_before = clone(a), clone(b)
     dice = trainer.evaluate([a, b])
     assert isinstance(dice, Dice)
-    for value in dice.as_dict().values():
-        assert 0.0 <= value <= 1.0
+    for name, value in dice.as_dict().items():
+        assert 0.0 <= value <= 1.0 if name.startswith("dice") else value >= 0.0
     assert dice.as_dict()["dice_mean"] == pytest.approx((dice.wt + dice.tc + dice.et) / 3)
     assert same(a, a_before) and same(b, b_before)
     # An ensemble of one model with itself is that model.
@@ -170,7 +174,7 @@ def test_absent_region_predicted_absent_scores_one_not_nan(
     images, labels = data
     no_tumour = torch.zeros_like(labels)
     trainer = SegmentationTrainer(
-        model=SPEC, training=TRAINING, images=images, labels=no_tumour, seed=0
+        model=SPEC, training=TRAINING, cases=cases_from(images, no_tumour, prefix="c"), seed=0
     )
     weights = initial_weights(SPEC, seed=0)
     # A large negative output bias makes the model predict no tumour anywhere.
@@ -185,3 +189,46 @@ def test_weights_of_another_model_are_invalid_input(
     wrong = initial_weights(ModelSpec(name="unet", width=8, depth=3), seed=0)
     with pytest.raises(InvalidInput, match="do not fit"):
         make_trainer(data).train(wrong, epochs=1, job_id="job", round=0)
+
+
+def test_cases_of_any_size_train_on_patches_and_are_scored_by_sliding_window(
+    data: tuple[torch.Tensor, torch.Tensor],
+) -> None:
+    # Real cases cropped to the brain differ in size, and in no way fit the network's
+    # depth: crops of patch_size train it, and a sliding window scores whole cases.
+    images, labels = data
+    cases = [
+        Case(f"c{i}", image[:, : 13 + i, 1:, : 15 - i % 2], label[:, : 13 + i, 1:, : 15 - i % 2])
+        for i, (image, label) in enumerate(zip(images, labels, strict=True))
+    ]
+    training = TrainingSpec(learning_rate=1e-2, batch_size=2, patch_size=(8, 8, 8))
+    trainer = SegmentationTrainer(model=SPEC, training=training, cases=cases, seed=0)
+    weights = initial_weights(SPEC, seed=0)
+    before = trainer.evaluate([weights])
+    result = trainer.train(weights, epochs=12, job_id="job", round=0)
+    again = trainer.train(weights, epochs=12, job_id="other", round=0)
+    after = trainer.evaluate([result.weights])
+    assert same(result.weights, again.weights), "crops are drawn from (seed, round)"
+    assert after.mean > before.mean + 0.2, (before, after)
+    assert after.hd95_wt is not None and after.hd95_wt >= 0
+
+
+def test_whole_volume_training_refuses_cases_of_different_sizes(
+    data: tuple[torch.Tensor, torch.Tensor],
+) -> None:
+    images, labels = data
+    cases = cases_from(images, labels, prefix="c")
+    cases[3] = Case("odd", images[3][:, :8], labels[3][:, :8])
+    with pytest.raises(ConfigError, match=r"set the job's training\.patch_size"):
+        SegmentationTrainer(model=SPEC, training=TRAINING, cases=cases, seed=0)
+
+
+def test_hd95_is_zero_for_a_perfect_prediction_and_grows_with_the_error(
+    data: tuple[torch.Tensor, torch.Tensor],
+) -> None:
+    images, labels = data
+    case = Case("c", images[0], labels[0], spacing=(2.0, 2.0, 2.0))
+    perfect = _hd95(labels[0][None], case)
+    shifted = _hd95(labels[0].roll(2, dims=1)[None], case)
+    assert perfect == [0.0, 0.0, 0.0]
+    assert shifted[0] == pytest.approx(4.0)  # 2 voxels of 2 mm
