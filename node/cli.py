@@ -89,6 +89,12 @@ def _job_options(command: F) -> F:
             "--round-timeout", "Seconds a round waits for site updates.", field="round_timeout_s"
         ),
         _option("--chunk-size", "Payloads larger than this many bytes travel as chunks."),
+        _option(
+            "--patch-size",
+            "Train on random crops of this many voxels a side and evaluate by sliding window "
+            "(for sites' own cases, which differ in size)  [default: whole volumes]",
+            type=int,
+        ),
     ]
     for option in reversed(options):
         command = option(command)

@@ -16,7 +16,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from relay.errors import ConfigError
 from relay.jobspec import NAME_PATTERN, SiteName
@@ -71,10 +79,29 @@ class Party(Section):
     spool: Path
 
 
-class Site(Party):
-    """One site: credentials, spool, and where its data comes from."""
+class Trainer(Section):
+    """The site's own training code (see :mod:`node.algo`): ``factory`` names a callable
+    ``make(job, options) -> SiteAlgo`` as ``package.module:name``."""
 
-    data: PhantomData | FolderData = Field(discriminator="kind")
+    factory: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class Site(Party):
+    """One site: credentials, spool, and its data (for fedrelay's own trainer) or its own
+    trainer, which finds its data itself."""
+
+    data: PhantomData | FolderData | None = Field(default=None, discriminator="kind")
+    trainer: Trainer | None = None
+
+    @model_validator(mode="after")
+    def _data_or_trainer(self) -> Site:
+        if (self.data is None) == (self.trainer is None):
+            raise ValueError(
+                "give the site either [data] (fedrelay's trainer on phantom, msd or brats "
+                "cases) or [trainer] (its own training code), not both or neither"
+            )
+        return self
 
     @field_validator("data", mode="before")
     @classmethod

@@ -37,6 +37,9 @@ class JobOptions(BaseModel):
     chunk_size: int = Field(default=DEFAULT_CHUNK_SIZE, ge=4096, le=MAX_CHUNK_SIZE)
     min_sites: int | None = Field(default=None, ge=1)
     round_timeout_s: float = Field(default=3600.0, gt=0)
+    patch_size: int | None = Field(
+        default=None, ge=8, le=512, description="None: train on whole, equal-sized volumes"
+    )
 
     def job(self, *, federation: str, sites: Sequence[str], job_id: str | None = None) -> JobSpec:
         """The job spec for ``sites`` (in ring order) of ``federation``."""
@@ -55,6 +58,7 @@ class JobOptions(BaseModel):
                 local_epochs=self.local_epochs,
                 batch_size=self.batch_size,
                 learning_rate=self.learning_rate,
+                patch_size=None if self.patch_size is None else (self.patch_size,) * 3,
             ),
         )
         if job_id is None:

@@ -12,7 +12,8 @@ import threading
 import time
 from types import FrameType
 
-from node.config import FederationConfig, FolderData
+from node.algo import AlgoFactory, custom_factory
+from node.config import FederationConfig, FolderData, Site
 from node.data import cases_from, read_cases
 from node.phantom import federation_site
 from node.results import write_job
@@ -29,26 +30,34 @@ POLL_S = 1.0
 """How long one wait for a message lasts; deadlines and stop requests are checked between."""
 
 
-def site_node(config: FederationConfig, name: str) -> SiteNode:
-    """Site ``name``'s node, connected, with its data loaded."""
-    section = config.site(name)
+def site_trainers(section: Site, name: str) -> AlgoFactory:
+    """The site's trainers: its own factory, or fedrelay's on the cases it names."""
+    if section.trainer is not None:
+        key = f"sites.{name}.trainer.factory"
+        return custom_factory(section.trainer.factory, section.trainer.options, key=key)
     data = section.data
     if isinstance(data, FolderData):
         cases = read_cases(data.kind, data.path, limit=data.limit)
         log.info("site %s: %d %s cases read from %s", name, len(cases), data.kind, data.path)
-    else:
-        _, images, labels = federation_site(
-            seed=data.seed,
-            index=data.index,
-            sites=data.of,
-            cases_per_site=data.cases_per_site,
-            size=data.volume_size,
-        )
-        cases = cases_from(images, labels, prefix=name)
+        return trainer_factory(cases, seed=data.seed)
+    assert data is not None  # the configuration holds data or a trainer
+    _, images, labels = federation_site(
+        seed=data.seed,
+        index=data.index,
+        sites=data.of,
+        cases_per_site=data.cases_per_site,
+        size=data.volume_size,
+    )
+    return trainer_factory(cases_from(images, labels, prefix=name), seed=data.seed)
+
+
+def site_node(config: FederationConfig, name: str) -> SiteNode:
+    """Site ``name``'s node, connected, with its data loaded."""
+    section = config.site(name)
     transport = AmqpTransport(config.broker_settings(name, section.password))
     return SiteNode(
         name=name,
-        algo_factory=trainer_factory(cases, seed=data.seed),
+        algo_factory=site_trainers(section, name),
         transport=transport,
         topology=config.topology(),
         spool=section.spool,

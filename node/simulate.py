@@ -17,13 +17,14 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, Field, model_validator
 
+from node.algo import SiteAlgo
 from node.data import cases_from
 from node.models import initial_weights
 from node.options import JobOptions
 from node.phantom import SiteProfile, federation_site
 from node.results import MODEL_FILE, save_model
 from node.site import SiteNode
-from node.trainer import SiteAlgo, trainer_factory
+from node.trainer import trainer_factory
 from relay.codec import StateDict
 from relay.endpoint import Endpoint
 from relay.envelope import AGGREGATOR, EVENTS, Envelope

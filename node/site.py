@@ -13,8 +13,8 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from node.algo import AlgoFactory, SiteAlgo
 from node.models import initial_weights
-from node.trainer import SiteAlgo
 from relay.aggregation import check_compatible, unbundle
 from relay.codec import Encoding, StateDict, decode
 from relay.endpoint import Action, Endpoint
@@ -42,11 +42,6 @@ from relay.validation import parse_json
 from relay.workflows.ring import expected_hop, next_stop
 
 log = logging.getLogger(__name__)
-
-
-AlgoFactory = Callable[[JobSpec], SiteAlgo]
-"""Makes the site's training algorithm for a job (its model recipe and training settings)
-over the site's own data; raises ConfigError when the site cannot run that job."""
 
 
 class SiteNode(Endpoint):

@@ -12,7 +12,6 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -20,6 +19,7 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceLoss
 from monai.metrics import DiceMetric, compute_hausdorff_distance
 
+from node.algo import SiteAlgo, TrainResult
 from node.data import Case
 from node.models import build_model
 from node.phantom import REGIONS
@@ -61,47 +61,6 @@ class Dice:
             if distance is not None:
                 scores[f"hd95_{region}"] = distance
         return scores
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """Weights after local training, how many cases they were trained on, and the last loss.
-
-    ``loss`` is the mean training loss over the last epoch.
-    """
-
-    weights: StateDict
-    sample_count: int
-    loss: float
-
-
-class SiteAlgo(Protocol):
-    """The site side of every workflow: train from given weights, evaluate given weights."""
-
-    @property
-    def train_count(self) -> int:
-        """Cases this site trains on (the weight FedAvg gives its update)."""
-        ...
-
-    @property
-    def validation_count(self) -> int:
-        """Cases this site holds out for :meth:`evaluate`."""
-        ...
-
-    def train(self, weights: StateDict, *, epochs: int, job_id: str, round: int) -> TrainResult:
-        """Train a copy of ``weights`` for ``epochs`` on local cases, leaving ``weights`` as is."""
-        ...
-
-    def evaluate(self, members: Sequence[StateDict]) -> Dice:
-        """Dice of one model (a 1-member sequence) or of the ensemble of several on local cases.
-
-        An ensemble averages its members' sigmoid probabilities before thresholding at 0.5.
-        """
-        ...
-
-    def finalize(self, job_id: str) -> None:
-        """The job is over at this site: drop whatever was kept for it between rounds."""
-        ...
 
 
 class _DiceBCELoss(torch.nn.Module):

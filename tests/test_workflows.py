@@ -10,10 +10,10 @@ import msgpack
 import pytest
 import torch
 
+from node.algo import SiteAlgo
 from node.models import initial_weights
 from node.simulate import Federation, SimulationConfig
 from node.site import AlgoFactory, SiteNode
-from node.trainer import SiteAlgo
 from relay.codec import digest, encode
 from relay.endpoint import Endpoint
 from relay.envelope import ModelEnvelope, UpdateEnvelope, to_wire
