@@ -127,6 +127,12 @@ ALGORITHMS = click.Choice([a.value for a in Algorithm])
 )
 @_option("--volume-size", "Phantom volumes are this many voxels per side.")
 @_option("--cases-per-site", "Phantom cases per site (varies ±20% between sites).")
+@click.option(
+    "--baselines",
+    is_flag=True,
+    help="Also train centralized (all sites' cases pooled) and local-only models on the same "
+    "data with the same budget, for reference.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print results.json instead of a table.")
 def simulate_command(output: Path, as_json: bool, **options: object) -> None:
     """Simulate a federation in this process, on generated brain-tumour data."""
@@ -166,6 +172,26 @@ def simulate_command(output: Path, as_json: bool, **options: object) -> None:
         raise click.ClickException(f"the job did not complete: {result.reason}")
 
 
+def _print_baselines(result: SimulationResult, console: Console) -> None:
+    table = Table(title="All sites' validation cases: the federated model and its references")
+    table.add_column("method")
+    for _, region in COLUMNS:
+        table.add_column(region, justify="right")
+    table.add_column("% of centralized", justify="right")
+    central = result.baselines["centralized"].final_overall.get("dice_mean", 0.0)
+    local = result.baselines["local"]
+    rows = [
+        (f"{result.job.algorithm} (federated)", result.final_overall),
+        ("centralized", result.baselines["centralized"].final_overall),
+        ("local only, each site's own model", local.final_overall),
+        (f"best single local model ({local.best_single})", local.best_single_overall or {}),
+    ]
+    for name, overall in rows:
+        share = overall.get("dice_mean", 0.0) / central if central else 0.0
+        table.add_row(name, *(f"{overall.get(key, 0.0):.3f}" for key, _ in COLUMNS), f"{share:.0%}")
+    console.print(table)
+
+
 def _print_table(result: SimulationResult, output: Path, console: Console) -> None:
     algorithm = result.job.algorithm
     final = "ensemble" if algorithm is Algorithm.ENSEMBLE else "global model"
@@ -191,6 +217,8 @@ def _print_table(result: SimulationResult, output: Path, console: Console) -> No
         end_section=True,
     )
     console.print(table)
+    if result.baselines:
+        _print_baselines(result, console)
     moved = result.bytes_moved.total_bytes / 1e6
     console.print(
         f"{result.status} in {result.wall_time_s:.1f} s, {moved:.1f} MB moved. "

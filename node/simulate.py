@@ -18,13 +18,14 @@ import torch
 from pydantic import BaseModel, Field, model_validator
 
 from node.algo import SiteAlgo
+from node.baselines import centralized, local_only
 from node.data import cases_from
 from node.models import initial_weights
 from node.options import JobOptions
 from node.phantom import SiteProfile, federation_site
 from node.results import MODEL_FILE, save_model
 from node.site import SiteNode
-from node.trainer import trainer_factory
+from node.trainer import SegmentationTrainer, trainer_factory
 from relay.codec import StateDict
 from relay.endpoint import Endpoint
 from relay.envelope import AGGREGATOR, EVENTS, Envelope
@@ -49,6 +50,9 @@ class SimulationConfig(JobOptions):
     sites: int = Field(default=3, ge=1, le=64)
     volume_size: int = Field(default=32, ge=16, le=128)
     cases_per_site: int = Field(default=10, ge=4, le=500)
+    baselines: bool = Field(
+        default=False, description="also train centralized and local-only, same budget"
+    )
 
     def site_names(self) -> tuple[str, ...]:
         """site-1, site-2, …"""
@@ -111,6 +115,17 @@ class TrafficSummary(BaseModel):
     messages_by_kind: dict[str, int]
 
 
+class BaselineSummary(BaseModel):
+    """A reference run on the same data (see :mod:`node.baselines`)."""
+
+    final: dict[str, dict[str, float]]
+    final_overall: dict[str, float]
+    overall_by_round: list[dict[str, float]]
+    best_single: str | None = None
+    """Local only: the site whose own model scores best over all sites' cases."""
+    best_single_overall: dict[str, float] | None = None
+
+
 class SimulationResult(BaseModel):
     """Everything ``results.json`` holds."""
 
@@ -131,6 +146,7 @@ class SimulationResult(BaseModel):
     model_file: str | None
     model_sha256: str | None
     members: list[str]
+    baselines: dict[str, BaselineSummary] = Field(default_factory=dict)
 
 
 def weighted_overall(
@@ -290,13 +306,35 @@ def simulate(
             state = federation.run(job, initial=initial)
         finally:
             federation.close()
+        baselines = _baselines(federation, job, initial) if config.baselines else {}
     return _write_results(
         output=output,
         federation=federation,
         state=state,
         initial_scores=initial_scores,
         started=started,
+        baselines=baselines,
     )
+
+
+def _baselines(
+    federation: Federation, job: JobSpec, initial: StateDict
+) -> dict[str, BaselineSummary]:
+    trainers = {n: a for n, a in federation.baselines.items() if isinstance(a, SegmentationTrainer)}
+    counts = {name: d.validation_cases for name, d in federation.data.items()}
+    summaries = {}
+    for run in (centralized(trainers, job, initial), local_only(trainers, job, initial)):
+        summary = BaselineSummary(
+            final=run.final,
+            final_overall=weighted_overall(run.final, counts),
+            overall_by_round=[weighted_overall(scores, counts) for scores in run.history],
+        )
+        if run.cross:
+            overall = {site: weighted_overall(s, counts) for site, s in run.cross.items()}
+            best = max(overall, key=lambda site: overall[site].get("dice_mean", 0.0))
+            summary.best_single, summary.best_single_overall = best, overall[best]
+        summaries[run.method] = summary
+    return summaries
 
 
 def _write_results(
@@ -306,6 +344,7 @@ def _write_results(
     state: JobState,
     initial_scores: dict[str, dict[str, float]],
     started: float,
+    baselines: dict[str, BaselineSummary],
 ) -> SimulationResult:
     job = state.spec
     data = federation.data
@@ -340,6 +379,7 @@ def _write_results(
         model_file=model_file,
         model_sha256=model_digest,
         members=state.final_sites if job.algorithm is Algorithm.ENSEMBLE else [],
+        baselines=baselines,
     )
     (output / RESULTS_FILE).write_text(result.model_dump_json(indent=2) + "\n")
     return result

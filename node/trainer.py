@@ -108,21 +108,22 @@ class SegmentationTrainer:
         val_fraction: float = 0.25,
         seed: int,
         augment: bool = True,
+        validation: Sequence[Case] | None = None,
     ) -> None:
-        _check_cases(model, training, cases)
-        if not 0 < val_fraction < 1:
-            raise ConfigError(f"val_fraction = {val_fraction}; expected a fraction in (0, 1)")
+        _check_cases(model, training, [*cases, *(validation or ())])
         if seed < 0:
             raise ConfigError(f"seed = {seed}; expected an integer >= 0")
-        n_val = max(1, round(len(cases) * val_fraction))
-        if len(cases) - n_val < 1:
+        if validation is not None:
+            # A split made elsewhere (a centralized baseline pools the sites' training cases
+            # and scores on their validation cases): ``cases`` are all for training.
+            self._train, self._val = list(cases), list(validation)
+        else:
+            self._train, self._val = _split(cases, val_fraction, seed)
+        if not self._train or not self._val:
             raise ConfigError(
-                f"{len(cases)} case(s) with val_fraction = {val_fraction} leave none to train "
-                "on; give the site more cases or lower val_fraction"
+                f"{len(self._train)} training and {len(self._val)} validation case(s); a "
+                "trainer needs at least one of each"
             )
-        order = torch.randperm(len(cases), generator=torch.Generator().manual_seed(seed))
-        self._val = [cases[i] for i in order[:n_val].tolist()]
-        self._train = [cases[i] for i in order[n_val:].tolist()]
         self._tumour = [torch.nonzero(case.label[0]) for case in self._train]
 
         self._spec = model
@@ -137,6 +138,16 @@ class SegmentationTrainer:
             self._model = build_model(model)
         self._loss = _DiceBCELoss()
         self._optimizers: dict[str, torch.optim.Adam] = {}
+
+    @property
+    def training_cases(self) -> tuple[Case, ...]:
+        """The cases this trainer trains on."""
+        return tuple(self._train)
+
+    @property
+    def validation_cases(self) -> tuple[Case, ...]:
+        """The cases this trainer holds out for :meth:`evaluate`."""
+        return tuple(self._val)
 
     @property
     def train_count(self) -> int:
@@ -272,6 +283,20 @@ class SegmentationTrainer:
             name: value.detach().cpu().clone().contiguous()
             for name, value in self._model.state_dict().items()
         }
+
+
+def _split(cases: Sequence[Case], val_fraction: float, seed: int) -> tuple[list[Case], list[Case]]:
+    """Training and validation cases, a ``val_fraction`` (at least one) held out from ``seed``."""
+    if not 0 < val_fraction < 1:
+        raise ConfigError(f"val_fraction = {val_fraction}; expected a fraction in (0, 1)")
+    n_val = max(1, round(len(cases) * val_fraction))
+    if len(cases) - n_val < 1:
+        raise ConfigError(
+            f"{len(cases)} case(s) with val_fraction = {val_fraction} leave none to train "
+            "on; give the site more cases or lower val_fraction"
+        )
+    order = torch.randperm(len(cases), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [cases[i] for i in order[n_val:]], [cases[i] for i in order[:n_val]]
 
 
 def _hd95(prediction: torch.Tensor, case: Case) -> list[float]:
