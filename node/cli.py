@@ -126,7 +126,13 @@ ALGORITHMS = click.Choice([a.value for a in Algorithm])
     help="Folder for results.json and model.safetensors.",
 )
 @_option("--volume-size", "Phantom volumes are this many voxels per side.")
-@_option("--cases-per-site", "Phantom cases per site (varies ±20% between sites).")
+@_option("--cases-per-site", "Phantom cases per site, on average.")
+@_option(
+    "--case-split",
+    "How cases are shared: even (±20% per site) or brats (the BraTS institutions' "
+    "70:27:17:12:11:9:6:6:4:3).",
+    type=click.Choice(["even", "brats"]),
+)
 @click.option(
     "--baselines",
     is_flag=True,

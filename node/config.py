@@ -59,6 +59,7 @@ class PhantomData(Section):
     index: int = Field(ge=0)
     of: int = Field(ge=1, description="how many phantom sites the seed's profiles spread over")
     cases_per_site: int = Field(default=10, ge=4)
+    case_split: Literal["even", "brats"] = "even"
     volume_size: int = Field(default=32, ge=16, le=256)
 
 

@@ -13,6 +13,7 @@ federation see differently distributed data, as they would in practice.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch.nn.functional import interpolate
@@ -86,12 +87,23 @@ _PROFILE_RANGES = {
 }
 
 
-def site_profiles(n_sites: int, *, seed: int, cases_per_site: int = 10) -> list[SiteProfile]:
+BRATS_PROPORTIONS = (70, 27, 17, 12, 11, 9, 6, 6, 4, 3)
+"""Cases per institution in the multi-institutional BraTS data Sheller et al. (2020) split
+by origin, largest first: a federation's sites are rarely of one size."""
+
+CaseSplit = Literal["even", "brats"]
+
+
+def site_profiles(
+    n_sites: int, *, seed: int, cases_per_site: int = 10, split: CaseSplit = "even"
+) -> list[SiteProfile]:
     """Heterogeneous profiles for ``n_sites`` sites, the same for the same arguments.
 
     Every knob is stratified over its range (each site in a different slice, in shuffled
-    order), so even two or three sites are guaranteed to differ. Case counts vary by about
-    ±20% around ``cases_per_site``, and never fall below 4.
+    order), so even two or three sites are guaranteed to differ. With the ``even`` split,
+    case counts vary by about ±20% around ``cases_per_site``; with ``brats``, the
+    ``n_sites * cases_per_site`` cases are shared in :data:`BRATS_PROPORTIONS` (repeated
+    past ten sites), site-1 the largest. Never fewer than 4 cases a site.
     """
     if n_sites < 1:
         raise ConfigError(f"n_sites = {n_sites}; expected at least 1")
@@ -105,9 +117,13 @@ def site_profiles(n_sites: int, *, seed: int, cases_per_site: int = 10) -> list[
         knobs[name] = [round(low + (high - low) * f, 4) for f in fractions.tolist()]
     spread = max(1, round(0.2 * cases_per_site))
     offsets = torch.randint(-spread, spread + 1, (n_sites,), generator=gen).tolist()
+    counts = [cases_per_site + offset for offset in offsets]
+    if split == "brats":
+        shares = [BRATS_PROPORTIONS[i % len(BRATS_PROPORTIONS)] for i in range(n_sites)]
+        counts = [round(n_sites * cases_per_site * s / sum(shares)) for s in shares]
     return [
         SiteProfile(
-            cases=max(4, cases_per_site + offsets[i]),
+            cases=max(4, counts[i]),
             contrast=knobs["contrast"][i],
             bias=knobs["bias"][i],
             noise=knobs["noise"][i],
@@ -223,7 +239,13 @@ def generate_cases(
 
 
 def federation_site(
-    *, seed: int, index: int, sites: int, cases_per_site: int, size: int
+    *,
+    seed: int,
+    index: int,
+    sites: int,
+    cases_per_site: int,
+    size: int,
+    split: CaseSplit = "even",
 ) -> tuple[SiteProfile, torch.Tensor, torch.Tensor]:
     """Phantom site ``index`` of a federation of ``sites``: its profile, images and labels.
 
@@ -232,6 +254,6 @@ def federation_site(
     """
     if not 0 <= index < sites:
         raise ConfigError(f"phantom site index {index} is outside 0..{sites - 1}")
-    profile = site_profiles(sites, seed=seed, cases_per_site=cases_per_site)[index]
+    profile = site_profiles(sites, seed=seed, cases_per_site=cases_per_site, split=split)[index]
     images, labels = generate_cases(profile, size=size, seed=seed * 1000 + index)
     return profile, images, labels

@@ -22,7 +22,7 @@ from node.baselines import centralized, local_only
 from node.data import cases_from
 from node.models import initial_weights
 from node.options import JobOptions
-from node.phantom import SiteProfile, federation_site
+from node.phantom import CaseSplit, SiteProfile, federation_site
 from node.results import MODEL_FILE, save_model
 from node.site import SiteNode
 from node.trainer import SegmentationTrainer, trainer_factory
@@ -50,6 +50,9 @@ class SimulationConfig(JobOptions):
     sites: int = Field(default=3, ge=1, le=64)
     volume_size: int = Field(default=32, ge=16, le=128)
     cases_per_site: int = Field(default=10, ge=4, le=500)
+    case_split: CaseSplit = Field(
+        default="even", description="even (±20%) or brats (BraTS institution proportions)"
+    )
     baselines: bool = Field(
         default=False, description="also train centralized and local-only, same budget"
     )
@@ -175,6 +178,7 @@ def _site_data(
                 index=i,
                 sites=config.sites,
                 cases_per_site=config.cases_per_site,
+                split=config.case_split,
                 size=config.volume_size,
             ),
         )

@@ -117,3 +117,11 @@ def test_profile_refuses_impossible_values(field: str, value: float) -> None:
 def test_too_small_a_volume_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="size"):
         generate_cases(SiteProfile(cases=4), size=4, seed=0)
+
+
+def test_brats_split_shares_cases_in_the_institutions_proportions() -> None:
+    profiles = site_profiles(10, seed=0, cases_per_site=20, split="brats")
+    counts = [p.cases for p in profiles]
+    assert counts[0] == round(200 * 70 / 165) and counts[-1] == max(4, round(200 * 3 / 165))
+    assert counts == sorted(counts, reverse=True)
+    assert abs(sum(counts) - 200) <= 10
