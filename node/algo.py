@@ -9,9 +9,10 @@ bundle through :mod:`node.bundle`, by naming a factory in its site's configurati
     factory = "mytraining.fedrelay:make"   # called as make(job, options) for every job
     options = { data = "/data/brats", epochs_per_round = 1 }
 
-The factory is looked up when the node starts, so a wrong name fails at start-up. It is
-site configuration, read from the site's own file: nothing that arrives in a message can
-name code to run.
+The factory is looked up when the node starts, so a wrong name fails at start-up; a
+factory with a ``check(options)`` method has its options checked then too. It is site
+configuration, read from the site's own file: nothing that arrives in a message can name
+code to run.
 """
 
 from __future__ import annotations
@@ -97,7 +98,35 @@ def load_factory(reference: str, *, key: str) -> CustomFactory:
     return cast(CustomFactory, factory)
 
 
+_CONTRACT = ("train", "evaluate", "finalize", "train_count", "validation_count")
+
+
 def custom_factory(reference: str, options: Mapping[str, Any], *, key: str) -> AlgoFactory:
-    """A site's trainers from its own factory, given the options its configuration holds."""
+    """A site's trainers from its own factory, given the options its configuration holds.
+
+    Whatever the factory raises for a job becomes a ConfigError naming the setting, so the
+    job is refused with a reason (dead-lettered) and the node goes on.
+    """
     make = load_factory(reference, key=key)
-    return lambda job: make(job, options)
+    check = getattr(make, "check", None)
+    if callable(check):
+        check(options)
+
+    def trainer(job: JobSpec) -> SiteAlgo:
+        try:
+            algo = make(job, options)
+        except ConfigError:
+            raise
+        except Exception as e:  # the site's own code: any failure refuses the job, with why
+            raise ConfigError(
+                f"{key} = {reference!r} failed for job {job.job_id}: {type(e).__name__}: {e}"
+            ) from e
+        missing = [name for name in _CONTRACT if not hasattr(algo, name)]
+        if missing:
+            raise ConfigError(
+                f"{key} = {reference!r} returned a {type(algo).__name__} without {missing}; "
+                "a site trainer has the methods and properties of node.algo.SiteAlgo"
+            )
+        return algo
+
+    return trainer

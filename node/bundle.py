@@ -54,29 +54,44 @@ class BundleScores:
         return dict(self.metrics)
 
 
-def bundle_trainer(job: JobSpec, options: Mapping[str, Any]) -> SiteAlgo:
+class _BundleTrainer:
     """The site trainer factory for ``[sites.<name>.trainer]`` (see the module docstring)."""
-    unknown = sorted(set(options) - _OPTIONS)
-    if unknown:
-        raise ConfigError(
-            f"trainer.options: {unknown} are not bundle options; known: {sorted(_OPTIONS)}"
+
+    def check(self, options: Mapping[str, Any]) -> None:
+        """Refuse unknown options, a missing bundle folder or config file, at start-up."""
+        unknown = sorted(set(options) - _OPTIONS)
+        if unknown:
+            raise ConfigError(
+                f"trainer.options: {unknown} are not bundle options; known: {sorted(_OPTIONS)}"
+            )
+        if "bundle" not in options:
+            raise ConfigError("trainer.options.bundle: missing; name the MONAI bundle's folder")
+        bundle, train, evaluate = self._files(options)
+        for config in (train, *evaluate):
+            if not (bundle / config).is_file():
+                raise ConfigError(f"bundle {bundle}: no {config}; is this a MONAI bundle folder?")
+
+    def __call__(self, job: JobSpec, options: Mapping[str, Any]) -> SiteAlgo:
+        self.check(options)
+        bundle, train, evaluate = self._files(options)
+        name = str(options.get("name", "site"))
+        return BundleAlgo(
+            job=job, bundle=bundle, train_config=train, evaluate_config=evaluate, name=name
         )
-    if "bundle" not in options:
-        raise ConfigError("trainer.options.bundle: missing; name the MONAI bundle's folder")
-    bundle = Path(options["bundle"])
-    train = str(options.get("train_config", "configs/train.json"))
-    evaluate = options.get("evaluate_config")
-    if evaluate is None:
-        evaluate = [train] + (
-            ["configs/evaluate.json"] * (bundle / "configs/evaluate.json").is_file()
-        )
-    return BundleAlgo(
-        job=job,
-        bundle=bundle,
-        train_config=train,
-        evaluate_config=[evaluate] if isinstance(evaluate, str) else list(evaluate),
-        name=str(options.get("name", "site")),
-    )
+
+    @staticmethod
+    def _files(options: Mapping[str, Any]) -> tuple[Path, str, list[str]]:
+        bundle = Path(options["bundle"])
+        train = str(options.get("train_config", "configs/train.json"))
+        evaluate = options.get("evaluate_config")
+        if evaluate is None:
+            extra = "configs/evaluate.json"
+            evaluate = [train, extra] if (bundle / extra).is_file() else [train]
+        return bundle, train, [evaluate] if isinstance(evaluate, str) else list(evaluate)
+
+
+bundle_trainer = _BundleTrainer()
+"""``node.bundle:bundle_trainer``: options checked when the node starts, a trainer per job."""
 
 
 class BundleAlgo:
@@ -91,9 +106,6 @@ class BundleAlgo:
         evaluate_config: list[str],
         name: str,
     ) -> None:
-        for config in (train_config, *evaluate_config):
-            if not (bundle / config).is_file():
-                raise ConfigError(f"bundle {bundle}: no {config}; is this a MONAI bundle folder?")
         self._job = job
         self._algo = MonaiAlgo(
             bundle_root=str(bundle),
@@ -145,7 +157,8 @@ class BundleAlgo:
         return BundleScores({str(k): float(v) for k, v in metrics.items()})
 
     def finalize(self, job_id: str) -> None:
-        """Nothing is kept between rounds beyond the bundle's own trainer state."""
+        """The job is over: stop the bundle's trainer and evaluator, run its finalize steps."""
+        self._algo.finalize()
 
     def _last_loss(self) -> float:
         # SupervisedTrainer's output is the last iteration's decollated batch, each item

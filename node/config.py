@@ -158,7 +158,7 @@ class FederationConfig(Section):
         if section is None:
             raise ConfigError(
                 f"sites.{name}: this file has no settings for {name!r}; add "
-                f"[sites.{name}] with password, spool and data"
+                f"[sites.{name}] with password, spool, and data or trainer"
             )
         return section
 

@@ -102,9 +102,24 @@ def _msd_files(folder: Path) -> dict[str, dict[str, Any]]:
     return files
 
 
+def _case_folders(folder: Path) -> list[Path]:
+    """The case folders below ``folder``: its subfolders, or theirs where a subfolder only
+    groups cases (BraTS 2018-2019's HGG/ and LGG/); hidden and ``__MACOSX`` folders skipped."""
+    cases = []
+    for entry in sorted(folder.iterdir()):
+        if not entry.is_dir() or entry.name.startswith((".", "__")):
+            continue
+        inner = [p for p in entry.iterdir() if not p.name.startswith((".", "__"))]
+        if inner and all(p.is_dir() for p in inner):
+            cases.extend(_case_folders(entry))
+        else:
+            cases.append(entry)
+    return cases
+
+
 def _brats_files(folder: Path) -> dict[str, dict[str, Any]]:
-    files = {}
-    for case in sorted(p for p in folder.iterdir() if p.is_dir()):
+    files: dict[str, dict[str, Any]] = {}
+    for case in _case_folders(folder):
         found: dict[str, Path] = {}
         for suffix in _BRATS_SUFFIXES:
             for ext in _NIFTI:
@@ -117,6 +132,11 @@ def _brats_files(folder: Path) -> dict[str, dict[str, Any]]:
                 f"case {case.name}: no {', '.join(missing)} file (expected e.g. "
                 f"{case.name}_{missing[0]}.nii.gz in {case}); every case needs "
                 f"{', '.join(_BRATS_SUFFIXES)}"
+            )
+        if case.name in files:
+            raise ConfigError(
+                f"case {case.name} is in both {files[case.name]['label'].parent} and {case}; "
+                "case names must be unique under the data folder"
             )
         files[case.name] = {"image": [found[m] for m in MODALITIES], "label": found["seg"]}
     return files
@@ -170,8 +190,9 @@ _TRANSFORMS = Compose(
 def _load(name: str, files: dict[str, Any], layout: Layout) -> Case:
     _check_shapes(name, files)
     loaded = _TRANSFORMS(dict(files))
-    image = torch.as_tensor(loaded["image"]).float().contiguous()
-    values = torch.as_tensor(loaded["label"])[0].round().to(torch.int64)
+    # Plain tensors: MONAI's MetaTensor carries metadata the trainer has no use for.
+    image = loaded["image"].as_tensor().float().contiguous()
+    values = loaded["label"].as_tensor()[0].round().to(torch.int64)
     x, y, z = (float(side) for side in loaded["image"].pixdim[:3])
     return Case(name, image, regions(values, layout, case=name), (x, y, z))
 

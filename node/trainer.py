@@ -33,8 +33,8 @@ _THRESHOLD = 0.5
 @dataclass(frozen=True)
 class Dice:
     """Scores on a site's validation cases for the three BraTS regions: Dice in [0, 1], and
-    the 95th-percentile Hausdorff distance (in mm, from the cases' voxel spacing) where it is
-    defined (None when no case had the region both labelled and predicted)."""
+    the 95th-percentile Hausdorff distance in mm (from the cases' voxel spacing; see
+    :func:`_hd95` for regions absent from a case or its prediction), None if not measured."""
 
     wt: float
     tc: float
@@ -49,7 +49,7 @@ class Dice:
         return (self.wt + self.tc + self.et) / 3
 
     def as_dict(self) -> dict[str, float]:
-        """Flat metric names for logs and reports; undefined distances are left out."""
+        """Flat metric names for logs and reports; distances not measured are left out."""
         scores = {
             "dice_wt": self.wt,
             "dice_tc": self.tc,
@@ -117,6 +117,11 @@ class SegmentationTrainer:
             # A split made elsewhere (a centralized baseline pools the sites' training cases
             # and scores on their validation cases): ``cases`` are all for training.
             self._train, self._val = list(cases), list(validation)
+            shared = {c.name for c in self._train} & {c.name for c in self._val}
+            if shared:
+                raise ConfigError(
+                    f"cases {sorted(shared)[:5]} are both training and validation cases"
+                )
         else:
             self._train, self._val = _split(cases, val_fraction, seed)
         if not self._train or not self._val:
@@ -201,15 +206,14 @@ class SegmentationTrainer:
         # ignore_empty=False: a region absent from a case and from its prediction scores 1,
         # not NaN, so the mean stays defined.
         dice = DiceMetric(include_background=True, reduction="mean_batch", ignore_empty=False)
-        distances: list[list[float]] = [[] for _ in REGIONS]
+        distances: list[list[float]] = [[] for _ in REGIONS]  # per region, every case
         for total, case in zip(probabilities, self._val, strict=True):
             prediction = (total / len(members) >= _THRESHOLD).float()[None]
             dice(y_pred=prediction, y=case.label[None])
             for region, distance in enumerate(_hd95(prediction, case)):
-                if math.isfinite(distance):
-                    distances[region].append(distance)
+                distances[region].append(distance)
         scores = [float(value) for value in dice.aggregate().tolist()]
-        hd95 = [sum(d) / len(d) if d else None for d in distances]
+        hd95 = [sum(d) / len(d) for d in distances]
         return Dice(*scores, *hd95)
 
     def finalize(self, job_id: str) -> None:
@@ -300,8 +304,15 @@ def _split(cases: Sequence[Case], val_fraction: float, seed: int) -> tuple[list[
 
 
 def _hd95(prediction: torch.Tensor, case: Case) -> list[float]:
-    """Per region, the 95th-percentile Hausdorff distance in mm; NaN or inf when a region is
-    empty in the labels or the prediction, where it is undefined."""
+    """Per region, the 95th-percentile Hausdorff distance in mm, scored as BraTS does where
+    it is undefined: 0 when the region is absent from both labels and prediction, and the
+    volume's diagonal (the largest distance it holds) when it is absent from only one, so
+    a missed or hallucinated region costs the most, never nothing."""
+    worst = math.dist(
+        [0.0, 0.0, 0.0], [n * s for n, s in zip(case.label.shape[1:], case.spacing, strict=True)]
+    )
+    labelled = case.label.flatten(1).any(dim=1).tolist()
+    predicted = prediction[0].flatten(1).any(dim=1).tolist()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MONAI warns for every empty region
         distances = compute_hausdorff_distance(
@@ -311,7 +322,14 @@ def _hd95(prediction: torch.Tensor, case: Case) -> list[float]:
             percentile=95,
             spacing=list(case.spacing),
         )
-    return [float(d) for d in distances[0].tolist()]
+    return [
+        float(d)
+        if has_label and has_prediction
+        else (0.0 if has_label == has_prediction else worst)
+        for d, has_label, has_prediction in zip(
+            distances[0].tolist(), labelled, predicted, strict=True
+        )
+    ]
 
 
 def _pad_to(volume: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:

@@ -204,3 +204,27 @@ def test_a_wrong_trainer_factory_fails_at_start_up(factory: str, message: str) -
 def test_a_site_gives_data_or_a_trainer(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"either \[data\] .* or \[trainer\]"):
         site_config(tmp_path, "")
+
+
+def test_a_failing_or_incomplete_site_trainer_refuses_the_job_not_the_node() -> None:
+    broken = custom_factory("tests.test_bundle:broken", {}, key="k")
+    with pytest.raises(
+        ConfigError, match=r"k = 'tests.test_bundle:broken' failed for job .*KeyError"
+    ):
+        broken(JOB)
+    incomplete = custom_factory("tests.test_bundle:incomplete", {}, key="k")
+    with pytest.raises(ConfigError, match=r"returned a object without \['train'"):
+        incomplete(JOB)
+
+
+def broken(job: JobSpec, options: Mapping[str, Any]) -> SegmentationTrainer:
+    return options["missing"]  # type: ignore[no-any-return]
+
+
+def incomplete(job: JobSpec, options: Mapping[str, Any]) -> object:
+    return object()
+
+
+def test_bundle_options_are_checked_when_the_node_starts(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"no configs/train\.json"):
+        custom_factory("node.bundle:bundle_trainer", {"bundle": str(tmp_path)}, key="k")

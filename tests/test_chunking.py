@@ -38,6 +38,16 @@ def chunked(payload: bytes, chunk_size: int = CHUNK) -> list[tuple[ModelEnvelope
     return out
 
 
+def add_all(
+    reassembler: Reassembler, chunks: list[tuple[ModelEnvelope, memoryview]]
+) -> Path | None:
+    """Store ``chunks`` in order; what the last one returned."""
+    complete = None
+    for chunk in chunks:
+        complete = reassembler.add(*chunk)
+    return complete
+
+
 @pytest.fixture
 def payload() -> bytes:
     return os.urandom(4 * CHUNK + 123)
@@ -174,8 +184,7 @@ def test_a_manifest_torn_while_its_first_chunk_was_stored_starts_afresh(
     manifest.write_text(manifest.read_text()[:20])  # the crash came mid-write, before the ack
     restarted = Reassembler(tmp_path)
     assert restarted.missing(key) == []  # no transfer: the first chunk comes again
-    for chunk in chunks:  # redelivered from the first, unacked, chunk on
-        complete = restarted.add(*chunk)
+    complete = add_all(restarted, chunks)  # redelivered from the first, unacked, chunk on
     assert complete is not None and complete.read_bytes() == payload
 
 
@@ -184,9 +193,7 @@ def test_a_crash_between_the_last_record_and_the_finish_completes_on_redelivery(
 ) -> None:
     chunks = chunked(payload)
     key = transfer_key(chunks[0][0])
-    first = Reassembler(tmp_path)
-    for chunk in chunks:
-        first.add(*chunk)
+    add_all(Reassembler(tmp_path), chunks)
     # As if the process died right after recording the last chunk, before the rename.
     (tmp_path / f"{key}.payload").replace(tmp_path / f"{key}.part")
     restarted = Reassembler(tmp_path)
@@ -199,9 +206,7 @@ def test_a_torn_record_is_cut_off_so_the_next_one_is_not_lost(
 ) -> None:
     chunks = chunked(payload)
     key = transfer_key(chunks[0][0])
-    first = Reassembler(tmp_path)
-    first.add(*chunks[0])
-    first.add(*chunks[1])
+    add_all(Reassembler(tmp_path), chunks[:2])
     manifest = tmp_path / f"{key}.chunks"
     manifest.write_text(manifest.read_text()[:-10])  # chunk 2's record torn: never acked
     second = Reassembler(tmp_path)
@@ -209,8 +214,7 @@ def test_a_torn_record_is_cut_off_so_the_next_one_is_not_lost(
     second.add(*chunks[1])  # redelivered
     third = Reassembler(tmp_path)  # its record must not be glued to the torn one
     assert third.missing(key) == [2, 3, 4]
-    for chunk in chunks[2:]:
-        complete = third.add(*chunk)
+    complete = add_all(third, chunks[2:])
     assert complete is not None and complete.read_bytes() == payload
 
 

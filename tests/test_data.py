@@ -61,8 +61,10 @@ def write_msd(root: Path, cases: int = 2, *, labels: tuple[int, int, int] = (1, 
     return root
 
 
-def write_brats(root: Path, cases: int = 2, *, labels: tuple[int, int, int] = (2, 1, 4)) -> Path:
-    for i in range(cases):
+def write_brats(
+    root: Path, cases: int = 2, *, labels: tuple[int, int, int] = (2, 1, 4), first: int = 0
+) -> Path:
+    for i in range(first, first + cases):
         name = f"BraTS20_Training_{i:03d}"
         for m, modality in enumerate(("flair", "t1", "t1ce", "t2")):
             save(root / name / f"{name}_{modality}.nii.gz", volume(10 * i + m))
@@ -140,3 +142,15 @@ def test_a_folder_without_cases_says_what_layout_was_expected(tmp_path: Path) ->
         read_cases("brats", tmp_path)
     with pytest.raises(ConfigError, match="does not exist"):
         read_cases("brats", tmp_path / "nowhere")
+
+
+def test_brats_2018_groups_and_stray_folders_are_handled(tmp_path: Path) -> None:
+    write_brats(tmp_path / "HGG", 2)
+    write_brats(tmp_path / "LGG", 1, first=2)
+    (tmp_path / "__MACOSX" / "junk").mkdir(parents=True)
+    cases = read_cases("brats", tmp_path)
+    assert len(cases) == 3
+    assert all(type(c.image) is torch.Tensor and type(c.label) is torch.Tensor for c in cases)
+    write_brats(tmp_path / "LGG", 1)  # a second BraTS20_Training_000
+    with pytest.raises(ConfigError, match="case BraTS20_Training_000 is in both"):
+        read_cases("brats", tmp_path)

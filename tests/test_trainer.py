@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -180,7 +182,7 @@ def test_absent_region_predicted_absent_scores_one_not_nan(
     # A large negative output bias makes the model predict no tumour anywhere.
     last_bias = [name for name in weights if name.endswith("bias")][-1]
     weights[last_bias] = torch.full_like(weights[last_bias], -100.0)
-    assert trainer.evaluate([weights]) == Dice(wt=1.0, tc=1.0, et=1.0)
+    assert trainer.evaluate([weights]) == Dice(1.0, 1.0, 1.0, hd95_wt=0.0, hd95_tc=0.0, hd95_et=0.0)
 
 
 def test_weights_of_another_model_are_invalid_input(
@@ -232,3 +234,8 @@ def test_hd95_is_zero_for_a_perfect_prediction_and_grows_with_the_error(
     shifted = _hd95(labels[0].roll(2, dims=1)[None], case)
     assert perfect == [0.0, 0.0, 0.0]
     assert shifted[0] == pytest.approx(4.0)  # 2 voxels of 2 mm
+    # A region missed entirely costs the most a distance can be here: the volume's diagonal.
+    missed = labels[0].clone()[None]
+    missed[0, 2] = 0
+    diagonal = 2.0 * math.sqrt(3 * 16**2)
+    assert _hd95(missed, case)[2] == pytest.approx(diagonal)
