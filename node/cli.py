@@ -90,6 +90,10 @@ def _job_options(command: F) -> F:
         ),
         _option("--chunk-size", "Payloads larger than this many bytes travel as chunks."),
         _option(
+            "--server-momentum",
+            "FedAvg: momentum on each round's average change of the model (FedAvgM, e.g. 0.9).",
+        ),
+        _option(
             "--patch-size",
             "Train on random crops of this many voxels a side and evaluate by sliding window "
             "(for sites' own cases, which differ in size)  [default: whole volumes]",

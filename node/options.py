@@ -37,6 +37,7 @@ class JobOptions(BaseModel):
     chunk_size: int = Field(default=DEFAULT_CHUNK_SIZE, ge=4096, le=MAX_CHUNK_SIZE)
     min_sites: int | None = Field(default=None, ge=1)
     round_timeout_s: float = Field(default=3600.0, gt=0)
+    server_momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
     patch_size: int | None = Field(
         default=None, ge=8, le=512, description="None: train on whole, equal-sized volumes"
     )
@@ -52,6 +53,7 @@ class JobOptions(BaseModel):
             min_sites=self.min_sites,
             round_timeout_s=self.round_timeout_s,
             chunk_size=self.chunk_size,
+            server_momentum=self.server_momentum,
             seed=self.seed,
             model=ModelSpec(name=self.model, width=self.width, depth=self.depth),
             training=TrainingSpec(

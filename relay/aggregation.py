@@ -2,7 +2,10 @@
 
 FedAvg's weighted mean follows McMahan et al., "Communication-Efficient Learning of Deep
 Networks from Decentralized Data" (AISTATS 2017): the global model is the average of the
-site models weighted by their numbers of training samples.
+site models weighted by their numbers of training samples. Server momentum (FedAvgM) follows
+Hsu et al., "Measuring the Effects of Non-Identical Data Distribution for Federated Visual
+Classification" (2019): the round's average change of the model is a pseudo-gradient that
+the server applies with momentum.
 """
 
 from __future__ import annotations
@@ -82,6 +85,33 @@ class WeightedMean:
             name: (total / self._weight).to(self._dtypes[name]) if name in self._dtypes else total
             for name, total in self._sums.items()
         }
+
+
+def server_step(
+    reference: Mapping[str, torch.Tensor],
+    average: Mapping[str, torch.Tensor],
+    velocity: Mapping[str, torch.Tensor],
+    *,
+    momentum: float,
+) -> tuple[StateDict, StateDict]:
+    """FedAvgM: the next global model and velocity from this round's ``average``.
+
+    ``velocity`` (empty in the first round) becomes ``momentum * velocity + (average -
+    reference)`` and the model ``reference + velocity``; with ``momentum`` 0 the model is the
+    average itself. Non-floating tensors are taken from ``average``. Inputs are not modified.
+    """
+    model: StateDict = {}
+    moved: StateDict = {}
+    for name, mean in average.items():
+        if not mean.is_floating_point():
+            model[name] = mean
+            continue
+        step = mean.to(torch.float64) - reference[name].to(torch.float64)
+        if name in velocity:
+            step = step + momentum * velocity[name]
+        moved[name] = step
+        model[name] = (reference[name].to(torch.float64) + step).to(mean.dtype)
+    return model, moved
 
 
 def weighted_mean(updates: Sequence[tuple[Mapping[str, torch.Tensor], int]]) -> StateDict:

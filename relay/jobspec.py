@@ -104,6 +104,13 @@ class JobSpec(Frozen):
         default=None, ge=1, description="FedAvg quorum; None means every site"
     )
     round_timeout_s: float = Field(default=3600.0, gt=0)
+    server_momentum: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=1.0,
+        description="FedAvg: momentum the aggregator applies to each round's average change "
+        "of the model (FedAvgM); 0 is plain FedAvg",
+    )
     chunk_size: int = Field(default=DEFAULT_CHUNK_SIZE, ge=4096, le=MAX_CHUNK_SIZE)
     seed: int = Field(default=0, ge=0)
     model: ModelSpec = ModelSpec()

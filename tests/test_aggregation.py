@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from relay.aggregation import WeightedMean, bundle, check_compatible, unbundle, weighted_mean
+from relay.aggregation import (
+    WeightedMean,
+    bundle,
+    check_compatible,
+    server_step,
+    unbundle,
+    weighted_mean,
+)
 from relay.errors import InvalidInput
 
 
@@ -63,3 +70,21 @@ def test_bundle_round_trips_and_malformed_bundles_are_refused() -> None:
         unbundle({"w": torch.zeros(1)}, 2)
     with pytest.raises(InvalidInput, match="hold no tensors"):
         unbundle(bundle([state(1.0)]), 2)
+
+
+def test_server_momentum_compounds_the_average_change_and_zero_is_plain_fedavg() -> None:
+    reference = {"w": torch.zeros(3), "steps": torch.tensor(1)}
+    average = {"w": torch.ones(3), "steps": torch.tensor(2)}
+    first, velocity = server_step(reference, average, {}, momentum=0.9)
+    assert torch.equal(first["w"], average["w"]) and first["steps"].item() == 2
+    # Round two moves by one more unit: the step is that unit plus 0.9 of the last one.
+    second, velocity = server_step(
+        first, {"w": first["w"] + 1, "steps": average["steps"]}, velocity, momentum=0.9
+    )
+    assert torch.allclose(second["w"], torch.full((3,), 1 + 1 + 0.9))
+    assert second["w"].dtype == torch.float32 and velocity["w"].dtype == torch.float64
+    plain, _ = server_step(
+        first, {"w": first["w"] + 1, "steps": average["steps"]}, velocity, momentum=0.0
+    )
+    assert torch.equal(plain["w"], first["w"] + 1)
+    assert torch.equal(reference["w"], torch.zeros(3)), "inputs are not modified"

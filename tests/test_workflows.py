@@ -457,3 +457,21 @@ def test_work_that_crashes_on_every_restart_is_given_up_with_a_reason(
     assert "was started 3 times and never finished; given up" in restarted.rejected[0]
     assert not list((site1.spool / "journal").glob("*.json"))
     restarted.close()
+
+
+def test_fedavg_with_server_momentum_moves_past_the_plain_average(
+    build: type[Federation],
+) -> None:
+    plain_cfg = config("fedavg", rounds=2, local_epochs=1)
+    momentum_cfg = config("fedavg", rounds=2, local_epochs=1, server_momentum=0.5)
+    states = []
+    for cfg in (plain_cfg, momentum_cfg):
+        federation = build.build(cfg)  # on RabbitMQ, the same queues: one federation at a time
+        states.append(federation.run(cfg.job()))
+        federation.close()
+    plain, moved = states
+    assert plain.status is moved.status is Status.DONE, moved.reason
+    # Round 1 is the same average; from round 2 on the momentum adds half the last step.
+    assert moved.velocity and not plain.velocity
+    name = next(n for n, t in moved.reference.items() if t.is_floating_point())
+    assert not torch.equal(moved.reference[name], plain.reference[name])

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from relay.aggregation import WeightedMean, bundle, check_compatible
+from relay.aggregation import WeightedMean, bundle, check_compatible, server_step
 from relay.codec import StateDict, decode, encode
 from relay.endpoint import Action, Endpoint
 from relay.envelope import (
@@ -81,6 +81,8 @@ class JobState:
     round_started: float = field(default_factory=time.time)
     deadline: float | None = None
     mean: WeightedMean = field(default_factory=WeightedMean)
+    velocity: StateDict = field(default_factory=dict)
+    """FedAvgM's running change of the global model (float64), empty for plain FedAvg."""
     contributors: dict[str, int] = field(default_factory=dict)
     members: dict[str, StateDict] = field(default_factory=dict)
     final: list[StateDict] = field(default_factory=list)
@@ -334,7 +336,13 @@ class Coordinator(Endpoint):
             sites = [s for s in job.spec.sites if s in job.members]
             self._evaluate(job, [job.members[s] for s in sites], sites)
             return
-        job.reference = job.mean.result()
+        average = job.mean.result()
+        if job.spec.server_momentum:
+            job.reference, job.velocity = server_step(
+                job.reference, average, job.velocity, momentum=job.spec.server_momentum
+            )
+        else:
+            job.reference = average
         if job.round + 1 < job.spec.rounds:
             self._open_round(job, job.round + 1, encode(job.reference))
         else:
