@@ -202,8 +202,9 @@ def measure(size_mb: int, repeat: int) -> Figures:
     for _ in range(repeat):
         vhost = fresh_vhost()
         try:
-            raw.append(raw_hop(vhost, encode(state))[0])
-            durable.append(raw_hop(vhost, encode(state), durable=True)[0])
+            payload = encode(state)
+            raw.append(raw_hop(vhost, payload)[0])
+            durable.append(raw_hop(vhost, payload, durable=True)[0])
             hop_s, report = fedrelay_hop(vhost, state)
         finally:
             api("DELETE", f"vhosts/{quote(vhost)}")

@@ -106,7 +106,6 @@ class BundleAlgo:
         evaluate_config: list[str],
         name: str,
     ) -> None:
-        self._job = job
         self._algo = MonaiAlgo(
             bundle_root=str(bundle),
             local_epochs=job.training.local_epochs,

@@ -129,7 +129,12 @@ class SegmentationTrainer:
                 f"{len(self._train)} training and {len(self._val)} validation case(s); a "
                 "trainer needs at least one of each"
             )
-        self._tumour = [torch.nonzero(case.label[0]) for case in self._train]
+        # Tumour voxels to centre crops on; only patch training crops.
+        self._tumour = (
+            [torch.nonzero(case.label[0]) for case in self._train]
+            if training.patch_size is not None
+            else []
+        )
 
         self._spec = model
         self._training = training

@@ -112,14 +112,15 @@ class Reassembler:
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedrelay-sha256")
         for manifest in directory.glob("*.chunks"):
             key = manifest.name.removesuffix(".chunks")
-            if not _trim_torn_tail(manifest):
+            records = _trim_torn_tail(manifest)
+            if records is None:
                 # Torn while its first chunk was being stored, before that chunk's ack: the
                 # broker delivers the chunk again and the transfer starts afresh.
                 log.warning("spool manifest %s was torn before its first record", manifest)
                 manifest.unlink()
                 continue
             try:
-                self._transfers[key] = _load(manifest)
+                self._transfers[key] = _load(records)
             except (ValueError, TypeError, KeyError) as e:
                 # Not ours to guess at (another version's layout?): kept aside, never lost.
                 aside = manifest.with_suffix(".unreadable")
@@ -288,24 +289,25 @@ class Reassembler:
 _HEADER = ("slot", "payload_size", "chunk_count", "chunk_size")
 
 
-def _trim_torn_tail(manifest: Path) -> bool:
+def _trim_torn_tail(manifest: Path) -> bytes | None:
     """Cut a record torn by a crash (never acked, so it comes again) off the manifest's end,
-    so the next record starts on a line of its own. False if not even the header survived."""
+    so the next record starts on a line of its own; return the whole records. None if not
+    even the header survived."""
     data = manifest.read_bytes()
     if data.endswith(b"\n"):
-        return True
+        return data
     keep = data.rfind(b"\n") + 1
     if keep == 0:
-        return False
+        return None
     with manifest.open("r+b") as f:
         f.truncate(keep)
         f.flush()
         os.fdatasync(f.fileno())
-    return True
+    return data[:keep]
 
 
-def _load(manifest: Path) -> _Transfer:
-    lines = manifest.read_text().splitlines()
+def _load(records: bytes) -> _Transfer:
+    lines = records.decode().splitlines()
     header = json.loads(lines[0])
     received: dict[int, str] = {}
     payload_digest = None
