@@ -137,6 +137,11 @@ ALGORITHMS = click.Choice([a.value for a in Algorithm])
     "70:27:17:12:11:9:6:6:4:3).",
     type=click.Choice(["even", "brats"]),
 )
+@_option(
+    "--heterogeneity",
+    "How far the sites' scanners (contrast, bias field, noise) and lesion sizes differ: "
+    "0 alike, 1 the widest spread.",
+)
 @click.option(
     "--baselines",
     is_flag=True,

@@ -60,6 +60,7 @@ class PhantomData(Section):
     of: int = Field(ge=1, description="how many phantom sites the seed's profiles spread over")
     cases_per_site: int = Field(default=10, ge=4)
     case_split: Literal["even", "brats"] = "even"
+    heterogeneity: float = Field(default=1.0, ge=0.0, le=1.0)
     volume_size: int = Field(default=32, ge=16, le=256)
 
 

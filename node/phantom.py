@@ -95,12 +95,19 @@ CaseSplit = Literal["even", "brats"]
 
 
 def site_profiles(
-    n_sites: int, *, seed: int, cases_per_site: int = 10, split: CaseSplit = "even"
+    n_sites: int,
+    *,
+    seed: int,
+    cases_per_site: int = 10,
+    split: CaseSplit = "even",
+    heterogeneity: float = 1.0,
 ) -> list[SiteProfile]:
     """Heterogeneous profiles for ``n_sites`` sites, the same for the same arguments.
 
     Every knob is stratified over its range (each site in a different slice, in shuffled
-    order), so even two or three sites are guaranteed to differ. With the ``even`` split,
+    order), so even two or three sites are guaranteed to differ. ``heterogeneity`` scales
+    each range about its middle: 1 spreads sites over the whole range, 0.25 makes them
+    similar, 0 gives every site the same scanner and lesion sizes. With the ``even`` split,
     case counts vary by about ±20% around ``cases_per_site``; with ``brats``, the
     ``n_sites * cases_per_site`` cases are shared in :data:`BRATS_PROPORTIONS` (repeated
     past ten sites), site-1 the largest. Never fewer than 4 cases a site.
@@ -109,12 +116,15 @@ def site_profiles(
         raise ConfigError(f"n_sites = {n_sites}; expected at least 1")
     if cases_per_site < 4:
         raise ConfigError(f"cases_per_site = {cases_per_site}; expected at least 4")
+    if not 0.0 <= heterogeneity <= 1.0:
+        raise ConfigError(f"heterogeneity = {heterogeneity}; expected a value in [0, 1]")
     gen = torch.Generator().manual_seed(seed)
     knobs: dict[str, list[float]] = {}
     for name, (low, high) in _PROFILE_RANGES.items():
+        middle, half = (low + high) / 2, (high - low) / 2 * heterogeneity
         slots = torch.randperm(n_sites, generator=gen).double()
         fractions = (slots + torch.rand(n_sites, generator=gen, dtype=torch.float64)) / n_sites
-        knobs[name] = [round(low + (high - low) * f, 4) for f in fractions.tolist()]
+        knobs[name] = [round(middle + half * (2 * f - 1), 4) for f in fractions.tolist()]
     spread = max(1, round(0.2 * cases_per_site))
     offsets = torch.randint(-spread, spread + 1, (n_sites,), generator=gen).tolist()
     counts = [cases_per_site + offset for offset in offsets]
@@ -246,6 +256,7 @@ def federation_site(
     cases_per_site: int,
     size: int,
     split: CaseSplit = "even",
+    heterogeneity: float = 1.0,
 ) -> tuple[SiteProfile, torch.Tensor, torch.Tensor]:
     """Phantom site ``index`` of a federation of ``sites``: its profile, images and labels.
 
@@ -254,6 +265,9 @@ def federation_site(
     """
     if not 0 <= index < sites:
         raise ConfigError(f"phantom site index {index} is outside 0..{sites - 1}")
-    profile = site_profiles(sites, seed=seed, cases_per_site=cases_per_site, split=split)[index]
+    profiles = site_profiles(
+        sites, seed=seed, cases_per_site=cases_per_site, split=split, heterogeneity=heterogeneity
+    )
+    profile = profiles[index]
     images, labels = generate_cases(profile, size=size, seed=seed * 1000 + index)
     return profile, images, labels

@@ -47,6 +47,7 @@ def site_trainers(section: Site, name: str) -> AlgoFactory:
         sites=data.of,
         cases_per_site=data.cases_per_site,
         split=data.case_split,
+        heterogeneity=data.heterogeneity,
         size=data.volume_size,
     )
     return trainer_factory(cases_from(images, labels, prefix=name), seed=data.seed)

@@ -53,6 +53,12 @@ class SimulationConfig(JobOptions):
     case_split: CaseSplit = Field(
         default="even", description="even (±20%) or brats (BraTS institution proportions)"
     )
+    heterogeneity: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=1.0,
+        description="how far sites' scanners and lesion sizes differ: 0 alike, 1 widest",
+    )
     baselines: bool = Field(
         default=False, description="also train centralized and local-only, same budget"
     )
@@ -127,6 +133,8 @@ class BaselineSummary(BaseModel):
     best_single: str | None = None
     """Local only: the site whose own model scores best over all sites' cases."""
     best_single_overall: dict[str, float] | None = None
+    wall_time_s: float = 0.0
+    """Seconds it took to train and score (part of the simulation's ``wall_time_s``)."""
 
 
 class SimulationResult(BaseModel):
@@ -179,6 +187,7 @@ def _site_data(
                 sites=config.sites,
                 cases_per_site=config.cases_per_site,
                 split=config.case_split,
+                heterogeneity=config.heterogeneity,
                 size=config.volume_size,
             ),
         )
@@ -327,11 +336,14 @@ def _baselines(
     trainers = {n: a for n, a in federation.baselines.items() if isinstance(a, SegmentationTrainer)}
     counts = {name: d.validation_cases for name, d in federation.data.items()}
     summaries = {}
-    for run in (centralized(trainers, job, initial), local_only(trainers, job, initial)):
+    for train in (centralized, local_only):
+        began = time.perf_counter()
+        run = train(trainers, job, initial)
         summary = BaselineSummary(
             final=run.final,
             final_overall=weighted_overall(run.final, counts),
             overall_by_round=[weighted_overall(scores, counts) for scores in run.history],
+            wall_time_s=round(time.perf_counter() - began, 3),
         )
         if run.cross:
             overall = {site: weighted_overall(s, counts) for site, s in run.cross.items()}

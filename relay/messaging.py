@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from relay.chunking import Reassembler, chunk_checksum, split, transfer_key
 from relay.codec import Encoding, digest
-from relay.envelope import Envelope, EnvelopeBase
+from relay.envelope import Envelope, EnvelopeBase, ModelEnvelope, Task
 from relay.errors import ChunkError, EnvelopeError
 from relay.frame import decode_frame, message_of
 from relay.storage import map_file
@@ -35,7 +35,11 @@ E = TypeVar("E", bound=EnvelopeBase)
 
 @dataclass
 class Traffic:
-    """What one party has published: messages and body bytes, by message kind."""
+    """What one party has published: messages and body bytes, by message kind.
+
+    A model sent to be scored, not trained (the final model every site evaluates), is
+    counted apart, as ``model:evaluate``, so that training traffic can be told from it.
+    """
 
     messages: Counter[str] = field(default_factory=Counter)
     bytes: Counter[str] = field(default_factory=Counter)
@@ -105,8 +109,11 @@ class Outbox:
                 message,
                 exchange=self.topology.exchange,
             )
-            self.traffic.messages[str(envelope.kind)] += 1
-            self.traffic.bytes[str(envelope.kind)] += len(message.body)
+            kind = str(envelope.kind)
+            if isinstance(envelope, ModelEnvelope) and envelope.task is Task.EVALUATE:
+                kind += ":evaluate"
+            self.traffic.messages[kind] += 1
+            self.traffic.bytes[kind] += len(message.body)
         assert envelope is not None  # split() always yields at least one chunk
         return envelope
 

@@ -97,6 +97,7 @@ def test_simulate_json_output_is_the_results_file(tmp_path: Path) -> None:
         (["--algorithm", "swt", "--rounds", "3"], "'rounds' must be 1 for swt"),
         (["--min-sites", "5"], "'min_sites' = 5 is more than the 3 sites"),
         (["--algorithm", "fedprox"], "'fedprox' is not one of"),
+        (["--heterogeneity", "2"], "--heterogeneity: Input should be less than or equal to 1"),
     ],
 )
 def test_bad_options_fail_before_any_work_with_the_option_named(

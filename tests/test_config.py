@@ -5,8 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from node.config import load
+from node.process import site_trainers
+from node.simulate import Federation, SimulationConfig
+from node.trainer import SegmentationTrainer
 from relay.errors import ConfigError
 
 FILE = """
@@ -105,3 +109,21 @@ def test_the_commands_own_variables_are_not_config_keys_and_secrets_are_not_echo
         load(write(tmp_path), environ={"FEDRELAY_SITES__SITE_1__PASSWRD": "typo-SECRET"})
     assert "config.sites.site-1.passwrd: Extra inputs are not permitted" in str(error.value)
     assert "SECRET" not in str(error.value)
+
+
+def test_a_phantom_site_gets_the_data_simulate_generates_with_the_same_settings(
+    tmp_path: Path,
+) -> None:
+    data = "cases_per_site = 4\nvolume_size = 16\nheterogeneity = 0.25\nseed = 3\n"
+    config = load(write(tmp_path, FILE.replace("of = 2\n", "of = 2\n" + data)))
+    settings = {"sites": 2, "cases_per_site": 4, "volume_size": 16, "width": 4, "depth": 3}
+    simulated = SimulationConfig.model_validate(settings | {"heterogeneity": 0.25, "seed": 3})
+    job = simulated.job()
+    node = site_trainers(config.sites["site-1"], "site-1")(job)
+    federation = Federation.build(simulated, tmp_path / "spool")
+    federation.close()
+    assert federation.data["site-1"].contrast == pytest.approx(1.0, abs=0.05)  # similar scanners
+    mine, theirs = node, federation.baselines["site-1"]
+    assert isinstance(mine, SegmentationTrainer) and isinstance(theirs, SegmentationTrainer)
+    for a, b in zip(mine.training_cases, theirs.training_cases, strict=True):
+        assert torch.equal(a.image, b.image) and torch.equal(a.label, b.label)

@@ -125,3 +125,15 @@ def test_brats_split_shares_cases_in_the_institutions_proportions() -> None:
     assert counts[0] == round(200 * 70 / 165) and counts[-1] == max(4, round(200 * 3 / 165))
     assert counts == sorted(counts, reverse=True)
     assert abs(sum(counts) - 200) <= 10
+
+
+def test_heterogeneity_narrows_how_far_sites_differ() -> None:
+    alike = site_profiles(4, seed=3, cases_per_site=10, heterogeneity=0.0)
+    assert {(p.contrast, p.bias, p.noise, p.lesion_scale) for p in alike} == {
+        (1.0, 0.15, 0.06, 1.0)
+    }
+    similar = site_profiles(4, seed=3, cases_per_site=10, heterogeneity=0.25)
+    assert all(0.95 <= p.contrast <= 1.05 and 0.9 <= p.lesion_scale <= 1.1 for p in similar)
+    assert len({p.contrast for p in similar}) == 4
+    with pytest.raises(ConfigError, match="heterogeneity"):
+        site_profiles(4, seed=3, heterogeneity=1.5)
