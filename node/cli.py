@@ -28,7 +28,7 @@ from node.simulate import RESULTS_FILE, SimulationConfig, SimulationResult, simu
 from relay.endpoint import Endpoint
 from relay.envelope import AGGREGATOR, Command, Envelope, MetricsEnvelope
 from relay.errors import ConfigError, FedrelayError
-from relay.jobspec import Algorithm
+from relay.jobspec import Aggregation, Algorithm
 from relay.transport.amqp import AmqpTransport
 from relay.validation import describe
 
@@ -92,6 +92,19 @@ def _job_options(command: F) -> F:
         _option(
             "--server-momentum",
             "FedAvg: momentum on each round's average change of the model (FedAvgM, e.g. 0.9).",
+        ),
+        _option(
+            "--aggregation",
+            "FedAvg: mean (weighted by cases), or median / trimmed-mean, robust to faulty or "
+            "hostile sites (unweighted).",
+            type=click.Choice([a.value for a in Aggregation]),
+        ),
+        _option("--trim-fraction", "trimmed-mean: fraction of sites' values dropped at each end."),
+        _option(
+            "--max-update-norm",
+            "FedAvg: clip each site's update (its change of the model) to this L2 norm  "
+            "[default: no clipping]",
+            type=float,
         ),
         _option(
             "--patch-size",

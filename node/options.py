@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from relay.jobspec import (
     DEFAULT_CHUNK_SIZE,
     MAX_CHUNK_SIZE,
+    Aggregation,
     Algorithm,
     JobSpec,
     ModelSpec,
@@ -38,6 +39,9 @@ class JobOptions(BaseModel):
     min_sites: int | None = Field(default=None, ge=1)
     round_timeout_s: float = Field(default=3600.0, gt=0)
     server_momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
+    aggregation: Aggregation = Aggregation.MEAN
+    trim_fraction: float = Field(default=0.2, ge=0.0, lt=0.5)
+    max_update_norm: float | None = Field(default=None, gt=0)
     patch_size: int | None = Field(
         default=None, ge=8, le=512, description="None: train on whole, equal-sized volumes"
     )
@@ -54,6 +58,9 @@ class JobOptions(BaseModel):
             round_timeout_s=self.round_timeout_s,
             chunk_size=self.chunk_size,
             server_momentum=self.server_momentum,
+            aggregation=self.aggregation,
+            trim_fraction=self.trim_fraction,
+            max_update_norm=self.max_update_norm,
             seed=self.seed,
             model=ModelSpec(name=self.model, width=self.width, depth=self.depth),
             training=TrainingSpec(

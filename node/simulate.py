@@ -114,6 +114,8 @@ class RoundRow(BaseModel):
     missing: list[str]
     closed_by: str
     seconds: float
+    clipped: dict[str, float] = Field(default_factory=dict)
+    """Sites whose update was clipped to ``max_update_norm``, with its norm before."""
 
 
 class TrafficSummary(BaseModel):

@@ -6,6 +6,13 @@ site models weighted by their numbers of training samples. Server momentum (FedA
 Hsu et al., "Measuring the Effects of Non-Identical Data Distribution for Federated Visual
 Classification" (2019): the round's average change of the model is a pseudo-gradient that
 the server applies with momentum.
+
+Against faulty or hostile sites (any one of which may send scaled, sign-flipped or garbage
+weights, and claim any sample count): the coordinate-wise median and trimmed mean of Yin et
+al., "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates" (ICML 2018),
+both unweighted so a site cannot buy influence with its sample count; and clipping of each
+site's update (its change of the model) to a maximum L2 norm, as in Sun et al., "Can You
+Really Backdoor Federated Learning?" (2019), which bounds what any one site can move.
 """
 
 from __future__ import annotations
@@ -143,3 +150,68 @@ def unbundle(state: Mapping[str, torch.Tensor], members: int) -> list[StateDict]
     if any(not member for member in out):
         raise InvalidInput(f"ensemble payload: some of the {members} members hold no tensors")
     return out
+
+
+def update_norm(reference: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> float:
+    """The L2 norm of ``state - reference`` over all floating tensors (a site's update)."""
+    total = torch.zeros((), dtype=torch.float64)
+    for name, tensor in state.items():
+        if tensor.is_floating_point():
+            total += (tensor.to(torch.float64) - reference[name].to(torch.float64)).square().sum()
+    return float(total.sqrt())
+
+
+def clip_update(
+    reference: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], max_norm: float
+) -> StateDict:
+    """``state`` with its update scaled down to L2 norm ``max_norm`` if it is longer; else the
+    same tensors. Inputs are not modified."""
+    if max_norm <= 0:
+        raise ValueError(f"max_norm must be positive, got {max_norm}")
+    norm = update_norm(reference, state)
+    if norm <= max_norm:
+        return dict(state)
+    scale = max_norm / norm
+    clipped: StateDict = {}
+    for name, tensor in state.items():
+        if not tensor.is_floating_point():
+            clipped[name] = tensor
+            continue
+        base = reference[name].to(torch.float64)
+        clipped[name] = (base + (tensor.to(torch.float64) - base) * scale).to(tensor.dtype)
+    return clipped
+
+
+def coordinate_median(states: Sequence[Mapping[str, torch.Tensor]]) -> StateDict:
+    """The element-wise median of the sites' models (the mean of the middle two for an even
+    count). Non-floating tensors are taken from the first state."""
+    return _coordinate_wise(states, trim=None)
+
+
+def trimmed_mean(states: Sequence[Mapping[str, torch.Tensor]], fraction: float) -> StateDict:
+    """The element-wise mean after dropping the ``floor(fraction * n)`` largest and smallest
+    values of each element. Non-floating tensors are taken from the first state."""
+    if not 0 <= fraction < 0.5:
+        raise ValueError(f"trim fraction must be in [0, 0.5), got {fraction}")
+    return _coordinate_wise(states, trim=int(fraction * len(states)))
+
+
+def _coordinate_wise(
+    states: Sequence[Mapping[str, torch.Tensor]], *, trim: int | None
+) -> StateDict:
+    if not states:
+        raise ValueError("no updates were added")
+    result: StateDict = {}
+    for name, first in states[0].items():
+        if not first.is_floating_point():
+            result[name] = first
+            continue
+        stacked = torch.stack([state[name].to(torch.float64) for state in states])
+        ordered = stacked.sort(dim=0).values
+        if trim is None:  # median: the middle one, or the mean of the middle two
+            n = len(states)
+            middle = ordered[(n - 1) // 2 : n // 2 + 1]
+        else:
+            middle = ordered[trim : len(states) - trim]
+        result[name] = middle.mean(dim=0).to(first.dtype)
+    return result

@@ -55,6 +55,17 @@ class Algorithm(StrEnum):
         return self in (Algorithm.SWT, Algorithm.CWT)
 
 
+class Aggregation(StrEnum):
+    """How the FedAvg aggregator combines a round's site models (see relay.aggregation)."""
+
+    MEAN = "mean"
+    """Weighted by sample count (McMahan et al. 2017); streamed, one running sum."""
+    MEDIAN = "median"
+    """Coordinate-wise median, unweighted: robust to a minority of hostile sites."""
+    TRIMMED_MEAN = "trimmed-mean"
+    """Coordinate-wise mean after dropping the ``trim_fraction`` extremes at each end."""
+
+
 class Frozen(BaseModel):
     """Base of the spec models: immutable, unknown keys refused."""
 
@@ -111,6 +122,23 @@ class JobSpec(Frozen):
         description="FedAvg: momentum the aggregator applies to each round's average change "
         "of the model (FedAvgM); 0 is plain FedAvg",
     )
+    aggregation: Aggregation = Field(
+        default=Aggregation.MEAN,
+        description="FedAvg: mean (by sample count), median or trimmed-mean (robust to "
+        "faulty or hostile sites)",
+    )
+    trim_fraction: float = Field(
+        default=0.2,
+        ge=0.0,
+        lt=0.5,
+        description="trimmed-mean: the fraction of sites' values dropped at each end",
+    )
+    max_update_norm: float | None = Field(
+        default=None,
+        gt=0,
+        description="FedAvg: clip each site's update (its change of the model) to this L2 "
+        "norm before aggregating; None: no clipping",
+    )
     chunk_size: int = Field(default=DEFAULT_CHUNK_SIZE, ge=4096, le=MAX_CHUNK_SIZE)
     seed: int = Field(default=0, ge=0)
     model: ModelSpec = ModelSpec()
@@ -128,6 +156,17 @@ class JobSpec(Frozen):
         if self.min_sites is not None and self.min_sites > len(self.sites):
             raise ValueError(
                 f"'min_sites' = {self.min_sites} is more than the {len(self.sites)} sites"
+            )
+        robust = self.aggregation is not Aggregation.MEAN or self.max_update_norm is not None
+        if robust and self.algorithm is not Algorithm.FEDAVG:
+            raise ValueError(
+                f"'aggregation' and 'max_update_norm' apply to fedavg only, not {self.algorithm}"
+            )
+        trimmed = int(self.trim_fraction * len(self.sites))
+        if self.aggregation is Aggregation.TRIMMED_MEAN and trimmed == 0:
+            raise ValueError(
+                f"'trim_fraction' = {self.trim_fraction} of {len(self.sites)} sites trims no "
+                f"site; use at least {1 / len(self.sites):.3g}, or median"
             )
         patch, factor = self.training.patch_size, 2 ** (self.model.depth - 1)
         if patch is not None and any(side % factor for side in patch):

@@ -9,8 +9,12 @@ from relay.aggregation import (
     WeightedMean,
     bundle,
     check_compatible,
+    clip_update,
+    coordinate_median,
     server_step,
+    trimmed_mean,
     unbundle,
+    update_norm,
     weighted_mean,
 )
 from relay.errors import InvalidInput
@@ -88,3 +92,36 @@ def test_server_momentum_compounds_the_average_change_and_zero_is_plain_fedavg()
     )
     assert torch.equal(plain["w"], first["w"] + 1)
     assert torch.equal(reference["w"], torch.zeros(3)), "inputs are not modified"
+
+
+def test_the_coordinate_median_ignores_a_minority_of_wild_values() -> None:
+    states = [state(v) for v in (1.0, 2.0, 3.0, 4.0, -1000.0)]
+    median = coordinate_median(states)
+    assert torch.equal(median["w"], torch.full((2, 3), 2.0))
+    assert median["h"].dtype == torch.float16 and median["steps"] == states[0]["steps"]
+    even = coordinate_median([state(1.0), state(2.0), state(10.0), state(500.0)])
+    assert torch.equal(even["w"], torch.full((2, 3), 6.0))  # the middle two's mean
+
+
+def test_the_trimmed_mean_drops_the_extremes_at_each_end() -> None:
+    states = [state(v) for v in (1.0, 2.0, 3.0, 4.0, 6e4)]
+    assert torch.equal(trimmed_mean(states, 0.2)["w"], torch.full((2, 3), 3.0))  # 2, 3, 4
+    assert torch.allclose(
+        trimmed_mean(states, 0.0)["w"], weighted_mean([(x, 1) for x in states])["w"]
+    )
+    with pytest.raises(ValueError, match=r"trim fraction must be in \[0, 0.5\), got 0.5"):
+        trimmed_mean(states, 0.5)
+    with pytest.raises(ValueError, match="no updates"):
+        coordinate_median([])
+
+
+def test_a_long_update_is_clipped_to_the_norm_and_a_short_one_kept() -> None:
+    reference = {"w": torch.zeros(4), "steps": torch.tensor(3)}
+    long = {"w": torch.tensor([3.0, 4.0, 0.0, 0.0]), "steps": torch.tensor(5)}
+    assert update_norm(reference, long) == pytest.approx(5.0)
+    clipped = clip_update(reference, long, 1.0)
+    assert torch.allclose(clipped["w"], torch.tensor([0.6, 0.8, 0.0, 0.0]))
+    assert clipped["steps"] == 5 and torch.equal(long["w"], torch.tensor([3.0, 4.0, 0.0, 0.0]))
+    assert clip_update(reference, long, 10.0)["w"] is long["w"]
+    with pytest.raises(ValueError, match="max_norm must be positive"):
+        clip_update(reference, long, 0.0)

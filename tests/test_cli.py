@@ -98,6 +98,7 @@ def test_simulate_json_output_is_the_results_file(tmp_path: Path) -> None:
         (["--min-sites", "5"], "'min_sites' = 5 is more than the 3 sites"),
         (["--algorithm", "fedprox"], "'fedprox' is not one of"),
         (["--heterogeneity", "2"], "--heterogeneity: Input should be less than or equal to 1"),
+        (["--algorithm", "cwt", "--aggregation", "median"], "apply to fedavg only, not cwt"),
     ],
 )
 def test_bad_options_fail_before_any_work_with_the_option_named(

@@ -22,7 +22,16 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from relay.aggregation import WeightedMean, bundle, check_compatible, server_step
+from relay.aggregation import (
+    WeightedMean,
+    bundle,
+    check_compatible,
+    clip_update,
+    coordinate_median,
+    server_step,
+    trimmed_mean,
+    update_norm,
+)
 from relay.codec import StateDict, decode, encode
 from relay.endpoint import Action, Endpoint
 from relay.envelope import (
@@ -39,7 +48,7 @@ from relay.envelope import (
     UpdateEnvelope,
 )
 from relay.errors import ConfigError, EnvelopeError, JobFailed, TransportError
-from relay.jobspec import Algorithm, JobSpec
+from relay.jobspec import Aggregation, Algorithm, JobSpec
 from relay.messaging import Received, check_chunking
 from relay.topology import Topology
 from relay.transport import Transport
@@ -66,6 +75,8 @@ class RoundRecord:
     missing: list[str]
     closed_by: str
     seconds: float
+    clipped: dict[str, float] = field(default_factory=dict)
+    """Sites whose update was clipped to the job's ``max_update_norm``, with its norm before."""
 
 
 @dataclass
@@ -84,7 +95,9 @@ class JobState:
     velocity: StateDict = field(default_factory=dict)
     """FedAvgM's running change of the global model (float64), empty for plain FedAvg."""
     contributors: dict[str, int] = field(default_factory=dict)
+    clipped: dict[str, float] = field(default_factory=dict)
     members: dict[str, StateDict] = field(default_factory=dict)
+    """Ensemble members, or (median, trimmed mean) this round's site models."""
     final: list[StateDict] = field(default_factory=list)
     final_sites: list[str] = field(default_factory=list)
     final_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -177,7 +190,7 @@ class Coordinator(Endpoint):
         job.round = round
         job.round_started = now
         job.mean = WeightedMean()
-        job.contributors = {}
+        job.contributors, job.clipped, job.members = {}, {}, {}
         budget = job.spec.rounds if job.spec.algorithm is Algorithm.ENSEMBLE else 1
         job.deadline = now + job.spec.round_timeout_s * budget
         for site in job.spec.sites:
@@ -314,7 +327,13 @@ class Coordinator(Endpoint):
 
     def _contribute(self, job: JobState, site: str, state: StateDict, samples: int) -> None:
         job.contributors[site] = samples
-        if job.spec.algorithm is Algorithm.FEDAVG:
+        spec = job.spec
+        if spec.max_update_norm is not None:
+            norm = update_norm(job.reference, state)
+            if norm > spec.max_update_norm:
+                job.clipped[site] = norm
+                state = clip_update(job.reference, state, spec.max_update_norm)
+        if spec.algorithm is Algorithm.FEDAVG and spec.aggregation is Aggregation.MEAN:
             job.mean.add(state, samples)
         else:
             job.members[site] = state
@@ -330,13 +349,14 @@ class Coordinator(Endpoint):
                 missing,
                 closed_by,
                 self.clock() - job.round_started,
+                dict(job.clipped),
             )
         )
         if job.spec.algorithm is Algorithm.ENSEMBLE:
             sites = [s for s in job.spec.sites if s in job.members]
             self._evaluate(job, [job.members[s] for s in sites], sites)
             return
-        average = job.mean.result()
+        average = self._aggregate(job)
         if job.spec.server_momentum:
             job.reference, job.velocity = server_step(
                 job.reference, average, job.velocity, momentum=job.spec.server_momentum
@@ -347,6 +367,17 @@ class Coordinator(Endpoint):
             self._open_round(job, job.round + 1, encode(job.reference))
         else:
             self._evaluate(job, [job.reference], list(job.contributors))
+
+    @staticmethod
+    def _aggregate(job: JobState) -> StateDict:
+        models = [job.members[site] for site in job.spec.sites if site in job.members]
+        match job.spec.aggregation:
+            case Aggregation.MEAN:
+                return job.mean.result()
+            case Aggregation.MEDIAN:
+                return coordinate_median(models)
+            case Aggregation.TRIMMED_MEAN:
+                return trimmed_mean(models, job.spec.trim_fraction)
 
     def _evaluate(self, job: JobState, models: list[StateDict], sites: list[str]) -> None:
         job.status = Status.EVALUATING
