@@ -107,6 +107,19 @@ def _job_options(command: F) -> F:
             type=float,
         ),
         _option(
+            "--dp-clip-norm",
+            "Differential privacy: clip each model a site sends to this L2 norm of its "
+            "update  [default: off]",
+            type=float,
+        ),
+        _option(
+            "--dp-noise-multiplier",
+            "Differential privacy: Gaussian noise std in units of --dp-clip-norm; larger "
+            "noise, smaller ε  [default: off]",
+            type=float,
+        ),
+        _option("--dp-delta", "Differential privacy: the δ that ε is reported at."),
+        _option(
             "--patch-size",
             "Train on random crops of this many voxels a side and evaluate by sliding window "
             "(for sites' own cases, which differ in size)  [default: whole volumes]",

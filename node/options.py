@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from relay.jobspec import (
     DEFAULT_CHUNK_SIZE,
@@ -17,6 +17,7 @@ from relay.jobspec import (
     Algorithm,
     JobSpec,
     ModelSpec,
+    PrivacySpec,
     TrainingSpec,
 )
 
@@ -42,9 +43,31 @@ class JobOptions(BaseModel):
     aggregation: Aggregation = Aggregation.MEAN
     trim_fraction: float = Field(default=0.2, ge=0.0, lt=0.5)
     max_update_norm: float | None = Field(default=None, gt=0)
+    dp_clip_norm: float | None = Field(default=None, gt=0)
+    dp_noise_multiplier: float | None = Field(default=None, gt=0)
+    dp_delta: float = Field(default=1e-5, gt=0, lt=1)
     patch_size: int | None = Field(
         default=None, ge=8, le=512, description="None: train on whole, equal-sized volumes"
     )
+
+    @model_validator(mode="after")
+    def _privacy_both_or_neither(self) -> JobOptions:
+        if (self.dp_clip_norm is None) != (self.dp_noise_multiplier is None):
+            raise ValueError(
+                "differential privacy needs both 'dp_clip_norm' and 'dp_noise_multiplier' "
+                "(or neither)"
+            )
+        return self
+
+    def privacy(self) -> PrivacySpec | None:
+        """The job's privacy settings, if differential privacy is asked for."""
+        if self.dp_clip_norm is None or self.dp_noise_multiplier is None:
+            return None
+        return PrivacySpec(
+            clip_norm=self.dp_clip_norm,
+            noise_multiplier=self.dp_noise_multiplier,
+            delta=self.dp_delta,
+        )
 
     def job(self, *, federation: str, sites: Sequence[str], job_id: str | None = None) -> JobSpec:
         """The job spec for ``sites`` (in ring order) of ``federation``."""
@@ -61,6 +84,7 @@ class JobOptions(BaseModel):
             aggregation=self.aggregation,
             trim_fraction=self.trim_fraction,
             max_update_norm=self.max_update_norm,
+            privacy=self.privacy(),
             seed=self.seed,
             model=ModelSpec(name=self.model, width=self.width, depth=self.depth),
             training=TrainingSpec(

@@ -34,7 +34,7 @@ from relay.jobspec import (
     Algorithm,
     JobSpec,
 )
-from relay.monitor import Monitor
+from relay.monitor import MetricsEvent, Monitor
 from relay.runner import run_until
 from relay.topology import Topology
 from relay.transport import Transport
@@ -139,6 +139,13 @@ class BaselineSummary(BaseModel):
     """Seconds it took to train and score (part of the simulation's ``wall_time_s``)."""
 
 
+class PrivacySpent(BaseModel):
+    """What a site reported it spent under differential privacy, by the job's end."""
+
+    epsilon: float
+    delta: float
+
+
 class SimulationResult(BaseModel):
     """Everything ``results.json`` holds."""
 
@@ -160,6 +167,7 @@ class SimulationResult(BaseModel):
     model_sha256: str | None
     members: list[str]
     baselines: dict[str, BaselineSummary] = Field(default_factory=dict)
+    privacy: dict[str, PrivacySpent] = Field(default_factory=dict)
 
 
 def weighted_overall(
@@ -398,9 +406,18 @@ def _write_results(
         model_sha256=model_digest,
         members=state.final_sites if job.algorithm is Algorithm.ENSEMBLE else [],
         baselines=baselines,
+        privacy=_privacy_spent(job, federation.monitor.metrics),
     )
     (output / RESULTS_FILE).write_text(result.model_dump_json(indent=2) + "\n")
     return result
+
+
+def _privacy_spent(job: JobSpec, metrics: Sequence[MetricsEvent]) -> dict[str, PrivacySpent]:
+    """Each site's ε as it last reported it (its last model sent), at the job's δ."""
+    if job.privacy is None:
+        return {}
+    spent = {m.site: m.metrics["epsilon"] for m in metrics if "epsilon" in m.metrics}
+    return {site: PrivacySpent(epsilon=e, delta=job.privacy.delta) for site, e in spent.items()}
 
 
 def _sum_counters(counters: list[dict[str, int]]) -> dict[str, int]:

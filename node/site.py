@@ -35,6 +35,7 @@ from relay.envelope import (
 from relay.errors import ConfigError, EnvelopeError
 from relay.jobspec import Algorithm, JobSpec
 from relay.messaging import Received, check_chunking
+from relay.privacy import epsilon, privatize, releases
 from relay.storage import replace_file
 from relay.topology import Topology
 from relay.transport import Transport
@@ -249,6 +250,7 @@ class SiteNode(Endpoint):
         round, hop = envelope.round, envelope.hop
         algo = self.algos[job.job_id]
         self._metrics(job, "received", algo.evaluate([weights]).as_dict(), round=round, hop=hop)
+        received = weights
         passes = job.rounds if job.algorithm is Algorithm.ENSEMBLE else 1
         for step in range(passes):
             at = step if job.algorithm is Algorithm.ENSEMBLE else round
@@ -257,7 +259,13 @@ class SiteNode(Endpoint):
             )
             weights = result.weights
             trained = algo.evaluate([weights]).as_dict() | {"loss": result.loss}
+            if job.privacy is not None:
+                # The privacy spent once this model is sent; the scores are of the model
+                # before its noise, which never leaves the site.
+                trained["epsilon"] = epsilon(releases(job, round=at), job.privacy)
             self._metrics(job, "trained", trained, round=at, hop=hop)
+        if job.privacy is not None:
+            weights = privatize(received, weights, job.privacy)
         make: Callable[..., EnvelopeBase]
         if job.algorithm is Algorithm.FEDAVG:
             make = UpdateEnvelope

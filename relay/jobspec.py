@@ -102,6 +102,16 @@ class TrainingSpec(Frozen):
     )
 
 
+class PrivacySpec(Frozen):
+    """Differential privacy on every model a site sends (see relay.privacy)."""
+
+    clip_norm: float = Field(gt=0, description="L2 bound on a site's update per model sent")
+    noise_multiplier: float = Field(
+        gt=0, description="Gaussian noise std, in units of clip_norm; larger: smaller ε"
+    )
+    delta: float = Field(default=1e-5, gt=0, lt=1, description="the δ ε is reported at")
+
+
 class JobSpec(Frozen):
     """A federated job. ``rounds``: FedAvg rounds, CWT cycles, or ensemble/SWT training passes."""
 
@@ -138,6 +148,9 @@ class JobSpec(Frozen):
         gt=0,
         description="FedAvg: clip each site's update (its change of the model) to this L2 "
         "norm before aggregating; None: no clipping",
+    )
+    privacy: PrivacySpec | None = Field(
+        default=None, description="differential privacy at every site; None: off"
     )
     chunk_size: int = Field(default=DEFAULT_CHUNK_SIZE, ge=4096, le=MAX_CHUNK_SIZE)
     seed: int = Field(default=0, ge=0)
