@@ -142,18 +142,23 @@ def test_the_workflow_benchmark_writes_its_table_plot_and_records(tmp_path: Path
     )
     assert done.returncode == 0, done.stderr
     table = (tmp_path / "federated.md").read_text()
-    for method in ("centralized", "local only", "best single local", "ensemble", "swt", "cwt"):
+    methods = {
+        "centralized", "local only", "best single local", "ensemble", "swt", "cwt", "fedavg",
+        "fedavg + DP",
+    }  # fmt: skip
+    for method in methods:
         assert f"| {method} |" in table
     assert "fedavg ≥ 0.97 × centralized" in table and table in done.stdout
+    assert "the cost of differential privacy" in table
     assert (tmp_path / "federated.png").read_bytes().startswith(PNG_MAGIC)
     record = json.loads((tmp_path / "federated.json").read_text())
     assert record["plan"]["rounds"] == 2 and record["plan"]["seeds"] == [0]
     records = record["runs"]
-    assert {r["method"] for r in records} == {
-        "centralized", "local only", "best single local", "ensemble", "swt", "cwt", "fedavg"
-    }  # fmt: skip
+    assert {r["method"] for r in records} == methods
     moved = {r["method"]: r["megabytes"] for r in records}
     assert moved["fedavg"] > moved["swt"] > 0  # a round trip per site per round vs one pass
+    spent = {r["method"]: r["epsilon"] for r in records}
+    assert spent["fedavg + DP"] > 0 and spent["fedavg"] is None
 
 
 @pytest.mark.parametrize(
