@@ -51,12 +51,20 @@ class JobOptions(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _privacy_both_or_neither(self) -> JobOptions:
+    def _no_setting_ignored(self) -> JobOptions:
         if (self.dp_clip_norm is None) != (self.dp_noise_multiplier is None):
             raise ValueError(
                 "differential privacy needs both 'dp_clip_norm' and 'dp_noise_multiplier' "
                 "(or neither)"
             )
+        # Settings changed from their defaults that the job would ignore (the command line
+        # passes every default, so "given" cannot be told from "changed").
+        fields = type(self).model_fields
+        if self.dp_delta != fields["dp_delta"].default and self.dp_clip_norm is None:
+            raise ValueError("'dp_delta' is for differential privacy; set 'dp_clip_norm' too")
+        trim = self.trim_fraction != fields["trim_fraction"].default
+        if trim and self.aggregation is not Aggregation.TRIMMED_MEAN:
+            raise ValueError("'trim_fraction' is for aggregation trimmed-mean only")
         return self
 
     def privacy(self) -> PrivacySpec | None:

@@ -35,7 +35,7 @@ from relay.envelope import (
 from relay.errors import ConfigError, EnvelopeError
 from relay.jobspec import Algorithm, JobSpec
 from relay.messaging import Received, check_chunking
-from relay.privacy import epsilon, privatize, releases
+from relay.privacy import epsilon, privatize, release_key, releases, site_secret
 from relay.storage import replace_file
 from relay.topology import Topology
 from relay.transport import Transport
@@ -63,6 +63,7 @@ class SiteNode(Endpoint):
         self.algos: dict[str, SiteAlgo] = {}
         self._references: dict[str, StateDict] = {}
         self._ring_position: dict[str, tuple[int, int]] = {}
+        self._noise_secret: bytes | None = None  # read from the spool when first needed
         self._jobs_dir = spool / "jobs"
         self._jobs_dir.mkdir(parents=True, exist_ok=True)
         self._reload_jobs()
@@ -208,6 +209,11 @@ class SiteNode(Endpoint):
         if algo is not None:
             algo.finalize(job_id)
 
+    def _secret(self) -> bytes:
+        if self._noise_secret is None:
+            self._noise_secret = site_secret(self.spool)
+        return self._noise_secret
+
     def _metrics(
         self,
         job: JobSpec,
@@ -258,14 +264,18 @@ class SiteNode(Endpoint):
                 weights, epochs=job.training.local_epochs, job_id=job.job_id, round=at
             )
             weights = result.weights
-            trained = algo.evaluate([weights]).as_dict() | {"loss": result.loss}
-            if job.privacy is not None:
-                # The privacy spent once this model is sent; the scores are of the model
-                # before its noise, which never leaves the site.
-                trained["epsilon"] = epsilon(releases(job, round=at), job.privacy)
+            if job.privacy is None:
+                trained = algo.evaluate([weights]).as_dict() | {"loss": result.loss}
+            elif step < passes - 1:
+                continue  # a model that never leaves the site: its scores do not either
+            else:
+                # Only what derives from the noised model leaves the site (its training
+                # loss does not): scores of the model as sent, and the privacy now spent.
+                key = release_key(self._secret(), job_id=job.job_id, round=round, hop=hop)
+                weights = privatize(received, weights, job.privacy, key=key)
+                spent = epsilon(releases(job, round=at), job.privacy)
+                trained = algo.evaluate([weights]).as_dict() | {"epsilon": spent}
             self._metrics(job, "trained", trained, round=at, hop=hop)
-        if job.privacy is not None:
-            weights = privatize(received, weights, job.privacy)
         make: Callable[..., EnvelopeBase]
         if job.algorithm is Algorithm.FEDAVG:
             make = UpdateEnvelope

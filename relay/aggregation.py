@@ -23,6 +23,7 @@ import torch
 
 from relay.codec import StateDict
 from relay.errors import InvalidInput
+from relay.jobspec import trim_count
 
 
 def check_compatible(
@@ -184,16 +185,16 @@ def clip_update(
 
 def coordinate_median(states: Sequence[Mapping[str, torch.Tensor]]) -> StateDict:
     """The element-wise median of the sites' models (the mean of the middle two for an even
-    count). Non-floating tensors are taken from the first state."""
+    count; for integer tensors, the lower of the two)."""
     return _coordinate_wise(states, trim=None)
 
 
 def trimmed_mean(states: Sequence[Mapping[str, torch.Tensor]], fraction: float) -> StateDict:
     """The element-wise mean after dropping the ``floor(fraction * n)`` largest and smallest
-    values of each element. Non-floating tensors are taken from the first state."""
+    values of each element; integer tensors get the element-wise lower median."""
     if not 0 <= fraction < 0.5:
         raise ValueError(f"trim fraction must be in [0, 0.5), got {fraction}")
-    return _coordinate_wise(states, trim=int(fraction * len(states)))
+    return _coordinate_wise(states, trim=trim_count(fraction, len(states)))
 
 
 def _coordinate_wise(
@@ -204,7 +205,9 @@ def _coordinate_wise(
     result: StateDict = {}
     for name, first in states[0].items():
         if not first.is_floating_point():
-            result[name] = first
+            # Counters such as BatchNorm's: no one site's value is trusted either.
+            ordered = torch.stack([state[name] for state in states]).sort(dim=0).values
+            result[name] = ordered[(len(states) - 1) // 2].clone()
             continue
         stacked = torch.stack([state[name].to(torch.float64) for state in states])
         ordered = stacked.sort(dim=0).values

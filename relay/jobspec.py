@@ -7,6 +7,7 @@ has not been given.
 
 from __future__ import annotations
 
+import math
 import uuid
 from enum import StrEnum
 from typing import Annotated, Literal
@@ -64,6 +65,12 @@ class Aggregation(StrEnum):
     """Coordinate-wise median, unweighted: robust to a minority of hostile sites."""
     TRIMMED_MEAN = "trimmed-mean"
     """Coordinate-wise mean after dropping the ``trim_fraction`` extremes at each end."""
+
+
+def trim_count(fraction: float, sites: int) -> int:
+    """How many values a trimmed mean drops at each end: ``fraction × sites``, rounded down
+    (a hair of tolerance keeps 0.3 × 10 from coming out as 2)."""
+    return math.floor(fraction * sites + 1e-9)
 
 
 class Frozen(BaseModel):
@@ -175,11 +182,20 @@ class JobSpec(Frozen):
             raise ValueError(
                 f"'aggregation' and 'max_update_norm' apply to fedavg only, not {self.algorithm}"
             )
-        trimmed = int(self.trim_fraction * len(self.sites))
-        if self.aggregation is Aggregation.TRIMMED_MEAN and trimmed == 0:
+        # A round may close at the quorum: robustness must hold with that few sites.
+        quorum = self.min_sites or len(self.sites)
+        if self.aggregation is not Aggregation.MEAN and quorum < 3:
             raise ValueError(
-                f"'trim_fraction' = {self.trim_fraction} of {len(self.sites)} sites trims no "
-                f"site; use at least {1 / len(self.sites):.3g}, or median"
+                f"{self.aggregation} of {quorum} site(s) (the round's quorum) is no more robust "
+                "than the mean; it needs at least 3 sites a round"
+            )
+        if self.aggregation is Aggregation.TRIMMED_MEAN and trim_count(
+            self.trim_fraction, quorum
+        ) == 0:
+            least = math.ceil(1000 / quorum) / 1000
+            raise ValueError(
+                f"'trim_fraction' = {self.trim_fraction} of {quorum} sites (the round's quorum) "
+                f"trims no site; use at least {least}, or median"
             )
         patch, factor = self.training.patch_size, 2 ** (self.model.depth - 1)
         if patch is not None and any(side % factor for side in patch):

@@ -101,6 +101,9 @@ def test_the_coordinate_median_ignores_a_minority_of_wild_values() -> None:
     assert median["h"].dtype == torch.float16 and median["steps"] == states[0]["steps"]
     even = coordinate_median([state(1.0), state(2.0), state(10.0), state(500.0)])
     assert torch.equal(even["w"], torch.full((2, 3), 6.0))  # the middle two's mean
+    # Integer tensors too: no one site (here the first) decides them.
+    counters = coordinate_median([state(1.0, steps=s) for s in (10**9, 4, 5, 6, 7)])
+    assert counters["steps"] == 6
 
 
 def test_the_trimmed_mean_drops_the_extremes_at_each_end() -> None:

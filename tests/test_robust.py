@@ -58,7 +58,7 @@ class Hostile:
 def _run(tmp_path: Path, *, hostile: bool, **job: object) -> tuple[float, JobState]:
     settings = {"algorithm": "fedavg", "sites": SITES, "rounds": 4, "local_epochs": 2}
     config = SimulationConfig.model_validate({**TINY, **settings, **job})
-    federation = Federation.build(config, tmp_path / f"{job}-{hostile}")
+    federation = Federation.build(config, tmp_path / f"run-{len(list(tmp_path.iterdir()))}")
     if hostile:
         site = next(s for s in federation.sites if s.name == HOSTILE)
         honest_factory = site.algo_factory
@@ -108,5 +108,13 @@ def test_clipping_bounds_how_far_a_hostile_site_moves_the_model_and_records_it(
 def test_robust_options_are_refused_where_they_cannot_apply() -> None:
     with pytest.raises(ValueError, match="apply to fedavg only, not cwt"):
         SimulationConfig.model_validate({"algorithm": "cwt", "aggregation": "median"})
-    with pytest.raises(ValueError, match=r"trims no site; use at least 0\.333"):
+    with pytest.raises(ValueError, match=r"of 3 sites \(the round's quorum\) trims no site"):
         SimulationConfig.model_validate({"aggregation": "trimmed-mean", "trim_fraction": 0.2})
+    # The value the error suggests is accepted.
+    SimulationConfig.model_validate({"aggregation": "trimmed-mean", "trim_fraction": 0.334})
+    # A round closed at a quorum of 4 of 5 sites must still trim one.
+    quorum = {"sites": 5, "min_sites": 4, "aggregation": "trimmed-mean", "trim_fraction": 0.2}
+    with pytest.raises(ValueError, match="of 4 sites"):
+        SimulationConfig.model_validate(quorum)
+    with pytest.raises(ValueError, match="median of 2 site"):
+        SimulationConfig.model_validate({"sites": 2, "aggregation": "median"})
