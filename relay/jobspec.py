@@ -189,9 +189,10 @@ class JobSpec(Frozen):
                 f"{self.aggregation} of {quorum} site(s) (the round's quorum) is no more robust "
                 "than the mean; it needs at least 3 sites a round"
             )
-        if self.aggregation is Aggregation.TRIMMED_MEAN and trim_count(
-            self.trim_fraction, quorum
-        ) == 0:
+        if (
+            self.aggregation is Aggregation.TRIMMED_MEAN
+            and trim_count(self.trim_fraction, quorum) == 0
+        ):
             least = math.ceil(1000 / quorum) / 1000
             raise ValueError(
                 f"'trim_fraction' = {self.trim_fraction} of {quorum} sites (the round's quorum) "
