@@ -163,13 +163,19 @@ def update_norm(reference: Mapping[str, torch.Tensor], state: Mapping[str, torch
 
 
 def clip_update(
-    reference: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], max_norm: float
+    reference: Mapping[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor],
+    max_norm: float,
+    *,
+    norm: float | None = None,
 ) -> StateDict:
     """``state`` with its update scaled down to L2 norm ``max_norm`` if it is longer; else the
-    same tensors. Inputs are not modified."""
+    same tensors. ``norm``: the update's, if the caller has it already. Inputs are not
+    modified."""
     if max_norm <= 0:
         raise ValueError(f"max_norm must be positive, got {max_norm}")
-    norm = update_norm(reference, state)
+    if norm is None:
+        norm = update_norm(reference, state)
     if norm <= max_norm:
         return dict(state)
     scale = max_norm / norm

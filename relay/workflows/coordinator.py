@@ -96,6 +96,7 @@ class JobState:
     """FedAvgM's running change of the global model (float64), empty for plain FedAvg."""
     contributors: dict[str, int] = field(default_factory=dict)
     clipped: dict[str, float] = field(default_factory=dict)
+    """This round's sites whose update was clipped, with its norm before."""
     members: dict[str, StateDict] = field(default_factory=dict)
     """Ensemble members, or (median, trimmed mean) this round's site models."""
     final: list[StateDict] = field(default_factory=list)
@@ -332,7 +333,7 @@ class Coordinator(Endpoint):
             norm = update_norm(job.reference, state)
             if norm > spec.max_update_norm:
                 job.clipped[site] = norm
-                state = clip_update(job.reference, state, spec.max_update_norm)
+                state = clip_update(job.reference, state, spec.max_update_norm, norm=norm)
         if spec.algorithm is Algorithm.FEDAVG and spec.aggregation is Aggregation.MEAN:
             job.mean.add(state, samples)
         else:
@@ -370,14 +371,12 @@ class Coordinator(Endpoint):
 
     @staticmethod
     def _aggregate(job: JobState) -> StateDict:
+        if job.spec.aggregation is Aggregation.MEAN:
+            return job.mean.result()
         models = [job.members[site] for site in job.spec.sites if site in job.members]
-        match job.spec.aggregation:
-            case Aggregation.MEAN:
-                return job.mean.result()
-            case Aggregation.MEDIAN:
-                return coordinate_median(models)
-            case Aggregation.TRIMMED_MEAN:
-                return trimmed_mean(models, job.spec.trim_fraction)
+        if job.spec.aggregation is Aggregation.MEDIAN:
+            return coordinate_median(models)
+        return trimmed_mean(models, job.spec.trim_fraction)
 
     def _evaluate(self, job: JobState, models: list[StateDict], sites: list[str]) -> None:
         job.status = Status.EVALUATING
