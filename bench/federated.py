@@ -350,7 +350,7 @@ def _table(plan: Plan, setting: Setting, runs: Sequence[Run]) -> list[str]:
 def _rounds_to_target(plan: Plan, runs: Sequence[Run], mine: Sequence[Run]) -> str:
     if any(r.curve is None for r in mine):
         return "n/a"
-    targets = [TARGET * _reference(runs, r).final["dice_mean"] for r in mine]
+    targets = [TARGET * _peer(runs, r).final["dice_mean"] for r in mine]
     curves = [r.curve for r in mine if r.curve is not None]
     if not any(curve.has_progress for curve in curves):
         reached = sum(c.values[-1] >= t for c, t in zip(curves, targets, strict=True))
@@ -385,7 +385,7 @@ def _checks(setting: Setting, runs: Sequence[Run]) -> list[str]:
     ahead = sum(d >= 0 for d in differences)
     private = _select(runs, setting.name, DP)
     if private:
-        cost = [1 - _ratio_to(runs, r, "fedavg") for r in private]
+        cost = [1 - _ratio(runs, r, "fedavg") for r in private]
         spent = max(r.epsilon or 0.0 for r in private)
         lines.append(
             f"- the cost of differential privacy: {DP} scores {statistics.fmean(cost):.1%} "
@@ -400,17 +400,13 @@ def _checks(setting: Setting, runs: Sequence[Run]) -> list[str]:
     return lines
 
 
-def _reference(runs: Sequence[Run], run: Run) -> Run:
-    return _select(runs, run.setting, REFERENCE, run.seed)[0]
+def _peer(runs: Sequence[Run], run: Run, method: str = REFERENCE) -> Run:
+    """``method``'s run on the same setting and seed as ``run``."""
+    return _select(runs, run.setting, method, run.seed)[0]
 
 
-def _ratio(runs: Sequence[Run], run: Run) -> float:
-    return _ratio_to(runs, run, REFERENCE)
-
-
-def _ratio_to(runs: Sequence[Run], run: Run, method: str) -> float:
-    other = _select(runs, run.setting, method, run.seed)[0]
-    return run.final["dice_mean"] / other.final["dice_mean"]
+def _ratio(runs: Sequence[Run], run: Run, method: str = REFERENCE) -> float:
+    return run.final["dice_mean"] / _peer(runs, run, method).final["dice_mean"]
 
 
 def _select(runs: Sequence[Run], setting: str, method: str, seed: int | None = None) -> list[Run]:

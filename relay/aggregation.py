@@ -208,19 +208,17 @@ def _coordinate_wise(
 ) -> StateDict:
     if not states:
         raise ValueError("no updates were added")
+    n = len(states)
+    # The median's middle one or two, or what the trim leaves.
+    low, high = ((n - 1) // 2, n // 2 + 1) if trim is None else (trim, n - trim)
     result: StateDict = {}
     for name, first in states[0].items():
-        if not first.is_floating_point():
-            # Counters such as BatchNorm's: no one site's value is trusted either.
-            ordered = torch.stack([state[name] for state in states]).sort(dim=0).values
-            result[name] = ordered[(len(states) - 1) // 2].clone()
-            continue
-        stacked = torch.stack([state[name].to(torch.float64) for state in states])
-        ordered = stacked.sort(dim=0).values
-        if trim is None:  # median: the middle one, or the mean of the middle two
-            n = len(states)
-            middle = ordered[(n - 1) // 2 : n // 2 + 1]
+        # Sorted in the tensors' own dtype (conversion keeps the order); only the kept rows
+        # are widened for the mean.
+        ordered = torch.stack([state[name] for state in states]).sort(dim=0).values
+        if first.is_floating_point():
+            result[name] = ordered[low:high].to(torch.float64).mean(dim=0).to(first.dtype)
         else:
-            middle = ordered[trim : len(states) - trim]
-        result[name] = middle.mean(dim=0).to(first.dtype)
+            # Counters such as BatchNorm's: no one site's value is trusted either.
+            result[name] = ordered[(n - 1) // 2].clone()
     return result
