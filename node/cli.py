@@ -23,6 +23,7 @@ from node.models import initial_weights
 from node.operate import federation_status, submit_job, wait_for_job
 from node.options import JobOptions
 from node.process import aggregator, serve, site_node, stop_on_signals
+from node.provision import OPERATOR, provision
 from node.results import MODEL_FILE
 from node.simulate import RESULTS_FILE, SimulationConfig, SimulationResult, simulate
 from relay.endpoint import Endpoint
@@ -174,6 +175,11 @@ ALGORITHMS = click.Choice([a.value for a in Algorithm])
     help="Also train centralized (all sites' cases pooled) and local-only models on the same "
     "data with the same budget, for reference.",
 )
+@click.option(
+    "--encrypt-payloads",
+    is_flag=True,
+    help="Encrypt every payload end to end for its recipient (envelopes are always signed).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print results.json instead of a table.")
 def simulate_command(output: Path, as_json: bool, **options: object) -> None:
     """Simulate a federation in this process, on generated brain-tumour data."""
@@ -321,6 +327,51 @@ def topology_declare(config_path: Path) -> None:
     click.echo(f"declared federation {config.federation!r} on vhost {config.broker.vhost!r}")
 
 
+@main.command("provision")
+@click.argument("federation_file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    help="An empty folder for the kits (one per party, and operator/).",
+)
+@click.option("--tls", is_flag=True, help="A federation CA; parties log in by client certificate.")
+@click.option(
+    "--broker-name",
+    "broker_names",
+    multiple=True,
+    help="Host name or IP in the broker's certificate (repeatable)  [default: the file's host]",
+)
+@click.option("--encrypt-payloads", is_flag=True, help="Encrypt every payload end to end.")
+def provision_command(
+    federation_file: Path,
+    output: Path,
+    tls: bool,
+    broker_names: tuple[str, ...],
+    encrypt_payloads: bool,
+) -> None:
+    """Write startup kits: keys, roster, broker users and rights, TLS certificates."""
+    config = _load(federation_file)
+    try:
+        kits = provision(
+            config,
+            output,
+            tls=tls,
+            encrypt_payloads=encrypt_payloads,
+            broker_names=broker_names,
+        )
+    except FedrelayError as e:
+        raise click.ClickException(str(e)) from e
+    for kit in kits:
+        click.echo(f"{kit.name}: {kit}/ (hand it to {kit.name} only; it holds private keys)")
+    operator = output / OPERATOR
+    click.echo(
+        f"operator: {operator}/ — import {operator / 'definitions.json'} into RabbitMQ (see "
+        f"{operator / 'rabbitmq.conf'}); monitoring login in {operator / 'credentials.toml'}"
+    )
+
+
 @main.group()
 def node() -> None:
     """A site's node."""
@@ -371,7 +422,13 @@ def job_submit(config_path: Path, wait: bool, job_id: str | None, **options: Any
         transport = AmqpTransport(
             config.broker_settings(AGGREGATOR, config.aggregator_section().password)
         )
-        submit_job(transport, config.topology(), spec, initial_weights(spec.model, seed=spec.seed))
+        submit_job(
+            transport,
+            config.topology(),
+            spec,
+            initial_weights(spec.model, seed=spec.seed),
+            security=config.party_security(AGGREGATOR),
+        )
         click.echo(spec.job_id)
         if wait:
             ended = wait_for_job(transport, config.topology(), spec.job_id)

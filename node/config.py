@@ -10,6 +10,7 @@ where it came from, at start-up.
 
 from __future__ import annotations
 
+import logging
 import os
 import tomllib
 from collections.abc import Mapping
@@ -26,19 +27,44 @@ from pydantic import (
     model_validator,
 )
 
+from relay.envelope import AGGREGATOR
 from relay.errors import ConfigError
 from relay.jobspec import NAME_PATTERN, SiteName
+from relay.security import Identity, Roster, Security
 from relay.topology import Topology
-from relay.transport.amqp import BrokerSettings
+from relay.transport.amqp import BrokerSettings, TlsSettings
 from relay.validation import describe
 
 ENV_PREFIX = "FEDRELAY_"
+
+RELATIVE_TO_FILE = (
+    ("security", "roster"),
+    ("security", "keys"),
+    ("broker", "tls", "ca"),
+    ("broker", "tls", "cert"),
+    ("broker", "tls", "key"),
+)
+"""Paths read relative to the federation file, so that a provisioned kit can move as a whole."""
+
+log = logging.getLogger(__name__)
 
 
 class Section(BaseModel):
     """Base of the file's sections: unknown keys are errors, not silently ignored."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BrokerTls(Section):
+    """TLS to the broker (paths relative to the federation file): the federation CA, this
+    party's client certificate and key. With ``external_auth`` (the default) the broker logs
+    the party in by its certificate's common name, and no password is needed."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    server_hostname: str | None = None
+    external_auth: bool = True
 
 
 class Broker(Section):
@@ -49,6 +75,16 @@ class Broker(Section):
     vhost: str = "/"
     management_url: str = "http://127.0.0.1:15672"
     heartbeat_s: int = Field(default=60, ge=1, le=3600)
+    tls: BrokerTls | None = None
+
+
+class SecuritySection(Section):
+    """This party's keys and the federation's roster (paths relative to the federation file),
+    as ``fedrelay provision`` writes them: envelopes are signed and verified, and payloads
+    encrypted if the roster says so."""
+
+    roster: Path
+    keys: Path
 
 
 class PhantomData(Section):
@@ -75,9 +111,9 @@ class FolderData(Section):
 
 
 class Party(Section):
-    """A party's broker password and its durable spool folder."""
+    """A party's broker password (none with TLS client certificates) and its durable spool."""
 
-    password: SecretStr
+    password: SecretStr | None = None
     spool: Path
 
 
@@ -125,6 +161,7 @@ class FederationConfig(Section):
 
     federation: str = Field(pattern=NAME_PATTERN)
     broker: Broker = Broker()
+    security: SecuritySection | None = None
     aggregator: Aggregator | None = None
     sites: dict[SiteName, Site | None] = Field(min_length=1)
 
@@ -140,16 +177,49 @@ class FederationConfig(Section):
         """The federation's broker topology; the ring order is the order of the sites."""
         return Topology(self.federation, tuple(self.sites))
 
-    def broker_settings(self, user: str, password: SecretStr) -> BrokerSettings:
-        """Connection settings for ``user``."""
+    def broker_settings(self, user: str, password: SecretStr | None) -> BrokerSettings:
+        """Connection settings for ``user``; ConfigError if it has no way to log in."""
+        tls = self.broker.tls
+        external = tls is not None and tls.external_auth
+        if password is None and not external:
+            raise ConfigError(
+                f"{user}: no password; give the party's password, or [broker.tls] with a "
+                "client certificate (external_auth)"
+            )
         return BrokerSettings(
             host=self.broker.host,
             port=self.broker.port,
             vhost=self.broker.vhost,
             username=user,
-            password=password,
+            password=password or SecretStr(""),
             heartbeat_s=self.broker.heartbeat_s,
+            tls=None if tls is None else TlsSettings.model_validate(tls.model_dump()),
         )
+
+    def party_security(self, name: str) -> Security | None:
+        """Party ``name``'s keys and the roster; None (logged loudly) where the file has no
+        [security]. ConfigError if they are missing, unsafe or do not fit this federation."""
+        if self.security is None:
+            log.warning(
+                "%s: no [security] in the federation file: envelopes are neither signed nor "
+                "verified, so anyone with broker credentials can forge them; run `fedrelay "
+                "provision` and use the kit it writes",
+                name,
+            )
+            return None
+        roster = Roster.load(self.security.roster)
+        if roster.federation != self.federation:
+            raise ConfigError(
+                f"security.roster {self.security.roster} is federation "
+                f"{roster.federation!r}'s, not {self.federation!r}'s"
+            )
+        missing = sorted({AGGREGATOR, *self.sites} - set(roster.parties))
+        if missing:
+            raise ConfigError(
+                f"security.roster {self.security.roster} lacks {missing}; provision them and "
+                "hand every party the new roster"
+            )
+        return Security(Identity.load(name, self.security.keys), roster)
 
     def site(self, name: str) -> Site:
         """This file's section for site ``name``; ConfigError if it has none."""
@@ -190,6 +260,16 @@ def _overrides(environ: Mapping[str, str], data: dict[str, Any]) -> list[str]:
     return applied
 
 
+def _anchor(data: dict[str, Any], folder: Path) -> None:
+    """Make the kit's relative paths relative to the federation file's folder."""
+    for keys in RELATIVE_TO_FILE:
+        node: Any = data
+        for key in keys[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(keys[-1]), str):
+            node[keys[-1]] = str(folder / node[keys[-1]])  # an absolute path stays as it is
+
+
 def load(path: Path, environ: Mapping[str, str] | None = None) -> FederationConfig:
     """Read and validate a federation file; ConfigError names every bad key."""
     try:
@@ -199,6 +279,7 @@ def load(path: Path, environ: Mapping[str, str] | None = None) -> FederationConf
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from e
     applied = _overrides(os.environ if environ is None else environ, data)
+    _anchor(data, path.parent)
     try:
         return FederationConfig.model_validate(data)
     except ValidationError as e:

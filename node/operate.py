@@ -17,13 +17,22 @@ from relay.errors import FedrelayError, InvalidInput, JobFailed, TransportError
 from relay.frame import decode_frame
 from relay.jobspec import JobSpec
 from relay.messaging import Outbox
+from relay.security import Security
 from relay.topology import Topology, dead_letter_reason
 from relay.transport import Transport
 
 
-def submit_job(transport: Transport, topology: Topology, spec: JobSpec, initial: StateDict) -> None:
-    """Send a job spec, then its initial model, to the aggregator (as the aggregator)."""
-    outbox = Outbox(transport, topology, sender=AGGREGATOR)
+def submit_job(
+    transport: Transport,
+    topology: Topology,
+    spec: JobSpec,
+    initial: StateDict,
+    *,
+    security: Security | None = None,
+) -> None:
+    """Send a job spec, then its initial model, to the aggregator (as the aggregator, signed
+    with its key where the federation is provisioned)."""
+    outbox = Outbox(transport, topology, sender=AGGREGATOR, security=security)
     common: dict[str, Any] = {
         "job_id": spec.job_id,
         "algorithm": spec.algorithm,

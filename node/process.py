@@ -63,6 +63,7 @@ def site_node(config: FederationConfig, name: str) -> SiteNode:
         transport=transport,
         topology=config.topology(),
         spool=section.spool,
+        security=config.party_security(name),
     )
 
 
@@ -77,7 +78,11 @@ def aggregator(config: FederationConfig) -> Coordinator:
 
     transport = AmqpTransport(config.broker_settings(AGGREGATOR, section.password))
     return Coordinator(
-        transport=transport, topology=config.topology(), spool=section.spool, on_finish=finished
+        transport=transport,
+        topology=config.topology(),
+        spool=section.spool,
+        on_finish=finished,
+        security=config.party_security(AGGREGATOR),
     )
 
 

@@ -36,6 +36,7 @@ from relay.jobspec import (
 )
 from relay.monitor import MetricsEvent, Monitor
 from relay.runner import run_until
+from relay.security import Security, generate
 from relay.topology import Topology
 from relay.transport import Transport
 from relay.transport.memory import MemoryBroker, MemoryTransport
@@ -61,6 +62,9 @@ class SimulationConfig(JobOptions):
     )
     baselines: bool = Field(
         default=False, description="also train centralized and local-only, same budget"
+    )
+    encrypt_payloads: bool = Field(
+        default=False, description="encrypt every payload end to end for its recipient"
     )
 
     def site_names(self) -> tuple[str, ...]:
@@ -218,6 +222,8 @@ class Federation:
     data: dict[str, SiteData]
     baselines: dict[str, SiteAlgo]
     """Per site, a trainer for the simulated job, to score models outside the federation."""
+    security: dict[str, Security]
+    """Each party's keys and the roster: every envelope is signed."""
 
     @classmethod
     def build(
@@ -238,10 +244,16 @@ class Federation:
             def connect(user: str) -> Transport:
                 return MemoryTransport(broker, user=user)
 
+        # Every party signs, as in a provisioned federation: the simulation exercises it too.
+        roster, identities = generate(
+            job.federation, [AGGREGATOR, *job.sites], encrypt_payloads=config.encrypt_payloads
+        )
+        security = {name: Security(identity, roster) for name, identity in identities.items()}
         coordinator = Coordinator(
             transport=connect(AGGREGATOR),
             topology=topology,
             spool=spool / AGGREGATOR,
+            security=security[AGGREGATOR],
         )
         coordinator.transport.declare(topology)
         monitor = Monitor(
@@ -263,6 +275,7 @@ class Federation:
                     transport=connect(name),
                     topology=topology,
                     spool=spool / name,
+                    security=security[name],
                 )
             )
             data[name] = SiteData(
@@ -273,7 +286,7 @@ class Federation:
                 noise=profile.noise,
                 lesion_scale=profile.lesion_scale,
             )
-        return cls(connect, topology, coordinator, sites, monitor, data, baselines)
+        return cls(connect, topology, coordinator, sites, monitor, data, baselines, security)
 
     @property
     def endpoints(self) -> list[Endpoint]:

@@ -36,6 +36,7 @@ from relay.errors import ConfigError, EnvelopeError
 from relay.jobspec import Algorithm, JobSpec
 from relay.messaging import Received, check_chunking
 from relay.privacy import epsilon, privatize, release_key, releases, site_secret
+from relay.security import Security
 from relay.storage import replace_file
 from relay.topology import Topology
 from relay.transport import Transport
@@ -56,8 +57,11 @@ class SiteNode(Endpoint):
         transport: Transport,
         topology: Topology,
         spool: Path,
+        security: Security | None = None,
     ) -> None:
-        super().__init__(name=name, transport=transport, topology=topology, spool=spool)
+        super().__init__(
+            name=name, transport=transport, topology=topology, spool=spool, security=security
+        )
         self.algo_factory = algo_factory
         self.jobs: dict[str, JobSpec] = {}
         self.algos: dict[str, SiteAlgo] = {}

@@ -18,6 +18,7 @@ from relay.envelope import Envelope
 from relay.errors import InvalidInput
 from relay.journal import MAX_ATTEMPTS, Entry, Journal
 from relay.messaging import Inbox, Outbox, Received, dedup_key
+from relay.security import Security
 from relay.topology import Topology
 from relay.transport import Delivery, Transport
 
@@ -39,6 +40,7 @@ class Endpoint(ABC):
         topology: Topology,
         spool: Path,
         queue: str | None = None,
+        security: Security | None = None,
     ) -> None:
         self.name = name
         self.transport = transport
@@ -46,8 +48,8 @@ class Endpoint(ABC):
         self.spool = spool
         self.queue = queue or topology.queue_of(name)
         self.journal = Journal(spool)
-        self.inbox = Inbox(owner=name, spool=spool, seen=self.journal.keys())
-        self.outbox = Outbox(transport, topology, sender=name)
+        self.inbox = Inbox(owner=name, spool=spool, seen=self.journal.keys(), security=security)
+        self.outbox = Outbox(transport, topology, sender=name, security=security)
         self.rejected: list[str] = []
 
     def poll(self, timeout: float = 0.0) -> bool:

@@ -16,9 +16,10 @@ from pydantic import Field, model_validator
 
 from relay.errors import EnvelopeError
 from relay.jobspec import MAX_CHUNK_SIZE, MAX_SITES, NAME_PATTERN, Algorithm, Frozen
+from relay.security import Sealed
 from relay.validation import parse
 
-SCHEMA_VERSION: Literal[2] = 2
+SCHEMA_VERSION: Literal[3] = 3
 """The only envelope schema this build reads and writes."""
 
 AGGREGATOR = "aggregator"
@@ -77,7 +78,7 @@ class EnvelopeBase(Frozen):
     """Fields every envelope has."""
 
     kind: Kind
-    schema_version: Literal[2] = SCHEMA_VERSION
+    schema_version: Literal[3] = SCHEMA_VERSION
     message_id: str = Field(default_factory=new_message_id, pattern=r"^[0-9a-f]{32}$")
     job_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     algorithm: Algorithm
@@ -97,7 +98,10 @@ class EnvelopeBase(Frozen):
     )
     chunk_digest: Checksum | None = None
     """Catches a damaged or mixed-up chunk on arrival; the payload's sha256 is the guarantee."""
-    signature: str | None = None
+    sealed: Sealed | None = None
+    """Set when the payload is encrypted for the recipient (see :mod:`relay.security`)."""
+    signature: str | None = Field(default=None, pattern=r"^[A-Za-z0-9+/]{86}==$")
+    """The sender's Ed25519 signature over every other field, base64."""
 
     @model_validator(mode="after")
     def _chunks_consistent(self) -> EnvelopeBase:

@@ -2,8 +2,10 @@
 
 :class:`Outbox` cuts a payload into chunks and publishes each with confirm. :class:`Inbox`
 turns deliveries back into complete, verified envelopes: it refuses anything malformed,
-forged (``user_id`` ≠ sender) or misaddressed, reassembles chunks on disk, verifies digests
-and drops duplicates, so a receiver handles each logical message once.
+forged (``user_id`` ≠ sender, or a bad signature) or misaddressed, reassembles chunks on disk,
+verifies digests, decrypts sealed payloads and drops duplicates, so a receiver handles each
+logical message once. With a :class:`~relay.security.Security` both sign every envelope,
+verify every signature, and refuse a signed message published again (a replay).
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from typing import Any, TypeVar
 
 from relay.chunking import Reassembler, chunk_checksum, split, transfer_key
 from relay.codec import Encoding, digest
-from relay.envelope import Envelope, EnvelopeBase, ModelEnvelope, Task
-from relay.errors import ChunkError, EnvelopeError
+from relay.envelope import Envelope, EnvelopeBase, ModelEnvelope, Task, to_wire
+from relay.errors import ChunkError, EnvelopeError, InvalidInput
 from relay.frame import decode_frame, message_of
+from relay.security import Security
 from relay.storage import map_file
 from relay.topology import Topology, routing_key
 from relay.transport import Delivery, Transport
@@ -50,13 +53,27 @@ class Traffic:
         return sum(self.bytes.values())
 
 
-class Outbox:
-    """Publishes envelopes for one sender, chunking payloads above the job's chunk size."""
+def sign(envelope: E, security: Security) -> E:
+    """``envelope`` with its sender's signature."""
+    return envelope.model_copy(update={"signature": security.signature(to_wire(envelope))})
 
-    def __init__(self, transport: Transport, topology: Topology, *, sender: str) -> None:
+
+class Outbox:
+    """Publishes envelopes for one sender, chunking payloads above the job's chunk size;
+    with ``security``, signs every envelope and encrypts payloads where the roster says."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        topology: Topology,
+        *,
+        sender: str,
+        security: Security | None = None,
+    ) -> None:
         self.transport = transport
         self.topology = topology
         self.sender = sender
+        self.security = security
         self.traffic = Traffic()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedrelay-outbox")
 
@@ -76,6 +93,15 @@ class Outbox:
         the tensors in, each chunk going out as soon as its bytes are final.
         """
         progress = _Progress()
+        security = self.security
+        if security is not None and security.should_seal(str(fields["recipient"])):
+            if isinstance(payload, Encoding):
+                for _ in payload.fill():
+                    pass
+                payload = payload.payload
+            payload, fields["sealed"] = security.seal(
+                payload, recipient=str(fields["recipient"]), job_id=str(fields["job_id"])
+            )
         if isinstance(payload, Encoding):
             buffer: bytes | bytearray | memoryview = payload.payload
             hashing = self._worker.submit(_fill_and_hash, payload, progress)
@@ -103,6 +129,8 @@ class Outbox:
                 chunk_digest=chunk_checksum(chunk) if chunked else None,
             )
             message_id = envelope.message_id
+            if security is not None:
+                envelope = sign(envelope, security)
             message = message_of(envelope, chunk)
             self.transport.publish(
                 routing_key(envelope.recipient, str(envelope.kind)),
@@ -209,8 +237,16 @@ def dedup_key(envelope: Envelope) -> str:
 class Inbox:
     """Turns deliveries addressed to ``owner`` into complete, verified, first-time messages."""
 
-    def __init__(self, *, owner: str, spool: Path, seen: set[str] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        owner: str,
+        spool: Path,
+        seen: set[str] | None = None,
+        security: Security | None = None,
+    ) -> None:
         self.owner = owner
+        self.security = security
         self.reassembler = Reassembler(spool / "chunks")
         self._seen: set[str] = set(seen or ())
 
@@ -236,11 +272,23 @@ class Inbox:
                 f"envelope.recipient is {envelope.recipient!r} but this is {self.owner!r}'s "
                 "queue; the sender routed it wrongly"
             )
+        if self.security is not None:
+            self.security.verify(to_wire(envelope), envelope.sender)
+        if not envelope.is_chunked:
+            _verify_whole(envelope, data)  # a copy with other bytes is tampered, not a replay
         if dedup_key(envelope) in self._seen:
-            # Before screening: a copy of a job's last message may arrive after the job ended.
-            log.info("duplicate %s from %s ignored", envelope.kind, envelope.sender)
             if envelope.is_chunked:
                 self.reassembler.discard(transfer_key(envelope))
+            if self.security is not None and not delivery.redelivered:
+                # The broker redelivers what it gave out and got back unacked; a handled,
+                # signed message arriving anew was published again: by whom, it cannot say.
+                raise EnvelopeError(
+                    f"replayed: {envelope.kind} {envelope.message_id} from {envelope.sender} "
+                    f"(job {envelope.job_id}, round {envelope.round}, hop {envelope.hop}) was "
+                    "already handled here; this copy was published again"
+                )
+            # Before screening: a copy of a job's last message may arrive after the job ended.
+            log.info("duplicate %s from %s ignored", envelope.kind, envelope.sender)
             return None
         if screen is not None:
             screen(envelope)
@@ -262,9 +310,34 @@ class Inbox:
             )
             received = Received(whole, map_file(path), path)
         else:
-            _verify_whole(envelope, data)
             received = Received(envelope, data)
-        return received
+        try:
+            return self._opened(received)
+        except InvalidInput:
+            self.forget(received)
+            raise
+
+    def _opened(self, received: Received) -> Received:
+        """The message with its payload decrypted, if it was sealed; refuses a plaintext
+        payload where the federation encrypts, and a sealed one this party cannot open."""
+        envelope = received.envelope
+        security = self.security
+        if envelope.sealed is None:
+            if security is not None and envelope.payload_size and security.should_seal(self.owner):
+                raise EnvelopeError(
+                    f"envelope.sealed: missing; federation {security.federation!r} encrypts "
+                    f"every payload, and {envelope.sender!r} sent this one in the clear"
+                )
+            return received
+        if security is None:
+            raise EnvelopeError(
+                f"envelope.sealed: the payload is encrypted but {self.owner!r} has no keys; "
+                "configure [security] with its provisioned keys and roster"
+            )
+        plaintext = security.open(
+            received.payload, envelope.sealed, sender=envelope.sender, job_id=envelope.job_id
+        )
+        return Received(envelope, memoryview(plaintext))
 
     def remember(self, received: Received) -> None:
         """The message is in the journal: drop copies of it from now on, and forget its

@@ -7,7 +7,13 @@ skips (CI's .ci/run starts the broker before the tests).
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from node.operate import ManagementApi, quote
@@ -73,3 +79,67 @@ class TestBroker:
     def delete(self) -> None:
         """Remove the vhost and everything in it."""
         api("DELETE", f"vhosts/{quote(self.vhost)}")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class SecondBroker:
+    """Another RabbitMQ node on this machine, set up as an operator would from a provisioned
+    ``operator/`` folder: its rabbitmq.conf (definitions import, TLS-only listener) and files,
+    copied where the broker's user can read them. Fails, never skips, if it cannot start."""
+
+    __test__ = False
+
+    def __init__(self, operator: Path) -> None:
+        self.node = f"fedrelay-test-{uuid.uuid4().hex[:8]}@localhost"
+        self.home = Path(tempfile.mkdtemp(prefix="fedrelay-broker-"))
+        shutil.copytree(operator, self.home / "etc")
+        conf = (self.home / "etc" / "rabbitmq.conf").read_text()
+        conf = conf.replace(str(operator.resolve()), str(self.home / "etc"))
+        (self.home / "etc" / "rabbitmq.conf").write_text(conf)
+        # Only the plugin the TLS login needs: the management plugin's port is the main node's.
+        (self.home / "etc" / "enabled_plugins").write_text("[rabbitmq_auth_mechanism_ssl].\n")
+        self.home.chmod(0o755)
+        if os.geteuid() == 0:
+            subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", str(self.home)], check=True)
+        env = os.environ | {
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_DIST_PORT": str(free_port()),
+            "RABBITMQ_CONFIG_FILE": str(self.home / "etc" / "rabbitmq.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.home / "etc" / "enabled_plugins"),
+            "RABBITMQ_MNESIA_BASE": str(self.home / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.home / "log"),
+            "RABBITMQ_PID_FILE": str(self.home / "pid"),
+        }
+        subprocess.run(["rabbitmq-server", "-detached"], env=env, check=True, cwd=self.home)
+        # await_startup needs the node to exist; right after -detached it may not yet.
+        deadline = time.monotonic() + 90
+        while True:
+            started = subprocess.run(
+                ["rabbitmqctl", "--node", self.node, "await_startup", "--timeout", "60"],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if started.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                logs = "".join(p.read_text()[-3000:] for p in (self.home / "log").glob("*.log"))
+                self.stop()
+                raise RuntimeError(
+                    f"second RabbitMQ node {self.node} did not start: {started.stderr} {logs}"
+                )
+            time.sleep(1)
+
+    def stop(self) -> None:
+        """Stop the node and delete its files."""
+        subprocess.run(
+            ["rabbitmqctl", "--node", self.node, "stop"], capture_output=True, check=False
+        )
+        shutil.rmtree(self.home, ignore_errors=True)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
+from node.simulate import Federation, SimulationConfig
 from relay.topology import Topology
 from relay.transport import Transport
 from relay.transport.memory import MemoryBroker, MemoryTransport
@@ -46,6 +48,29 @@ def connect(request: pytest.FixtureRequest) -> Iterator[Connect]:
         return
     for transport in opened:
         transport.close()
+
+
+@pytest.fixture(params=["memory", "amqp"])
+def build(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[type[Federation]]:
+    """Builds federations on the parametrised transport: in memory, or on real RabbitMQ."""
+    built: list[Federation] = []
+    rabbit = TestBroker() if request.param == "amqp" else None
+
+    class Tracked(Federation):
+        @classmethod
+        def build(
+            cls, config: SimulationConfig, spool: Path = tmp_path, **kw: object
+        ) -> Federation:  # type: ignore[override]
+            connect = rabbit.connect if rabbit is not None else None
+            federation = Federation.build(config, spool / f"f{len(built)}", connect=connect)
+            built.append(federation)
+            return federation
+
+    yield Tracked
+    for federation in built:
+        federation.close()
+    if rabbit is not None:
+        rabbit.delete()
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from relay.endpoint import Endpoint
 from relay.envelope import ModelEnvelope, UpdateEnvelope, to_wire
 from relay.frame import encode_frame, headers_of
 from relay.jobspec import Algorithm, JobSpec
+from relay.messaging import sign
 from relay.runner import run_until
 from relay.topology import dead_letter_reason
 from relay.transport import Message
@@ -32,29 +32,6 @@ def config(algorithm: str, **overrides: object) -> SimulationConfig:
     rounds = 1 if algorithm == "swt" else 3
     settings = {"algorithm": algorithm, "rounds": rounds, "local_epochs": 2, **TINY}
     return SimulationConfig.model_validate(settings | overrides)
-
-
-@pytest.fixture(params=["memory", "amqp"])
-def build(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[type[Federation]]:
-    """Builds federations on the parametrised transport: in memory, or on real RabbitMQ."""
-    built: list[Federation] = []
-    rabbit = TestBroker() if request.param == "amqp" else None
-
-    class Tracked(Federation):
-        @classmethod
-        def build(
-            cls, config: SimulationConfig, spool: Path = tmp_path, **kw: object
-        ) -> Federation:  # type: ignore[override]
-            connect = rabbit.connect if rabbit is not None else None
-            federation = Federation.build(config, spool / f"f{len(built)}", connect=connect)
-            built.append(federation)
-            return federation
-
-    yield Tracked
-    for federation in built:
-        federation.close()
-    if rabbit is not None:
-        rabbit.delete()
 
 
 def drain(endpoint: Endpoint) -> None:
@@ -145,12 +122,14 @@ def test_malformed_envelopes_are_dead_lettered_and_the_site_keeps_working(
     cfg = config("fedavg", rounds=1, local_epochs=1)
     federation = build.build(cfg)
     job = cfg.job()
-    good = model_for_site_1(job)
+    aggregator = federation.security["aggregator"]
+    good = sign(model_for_site_1(job), aggregator)
     forged_sender = model_for_site_1(job, algorithm="cwt", sender="site-3")
     bad_round = to_wire(good) | {"round": -4}
     payload = encode({"w": torch.zeros(2)})
-    wrong_model = good.model_copy(
-        update={"payload_digest": digest(payload), "payload_size": len(payload)}
+    wrong_model = sign(
+        good.model_copy(update={"payload_digest": digest(payload), "payload_size": len(payload)}),
+        aggregator,
     )
     publish_raw(federation, "aggregator", "site-1", b"\xc1not msgpack at all")
     publish_raw(
@@ -202,7 +181,9 @@ def test_fedavg_below_quorum_fails_with_a_clear_reason(build: type[Federation]) 
     assert "['site-1']" in state.reason
 
 
-def test_duplicated_messages_are_handled_once(build: type[Federation]) -> None:
+def test_duplicated_messages_are_handled_once_and_the_copies_refused_as_replays(
+    build: type[Federation],
+) -> None:
     cfg = config("fedavg", rounds=2, local_epochs=1)
     federation = build.build(cfg)
     job = cfg.job()
@@ -218,7 +199,12 @@ def test_duplicated_messages_are_handled_once(build: type[Federation]) -> None:
     assert state.status is Status.DONE, state.reason
     trained = [m for m in federation.monitor.metrics if m.stage == "trained"]
     assert len(trained) == job.rounds * len(job.sites)
-    assert [e.rejected for e in federation.endpoints] == [[]] * len(federation.endpoints)
+    # A signed message published a second time is a replay, whoever sent it: the copies of
+    # the aggregator's messages are refused at the sites, and nothing else is.
+    assert federation.coordinator.rejected == []
+    for site in federation.sites:
+        assert site.rejected, site.name
+        assert all(r.startswith("replayed: ") for r in site.rejected), site.rejected
 
 
 def test_a_late_update_is_recorded_and_not_mixed_in(build: type[Federation]) -> None:
@@ -275,8 +261,10 @@ def test_a_ring_token_from_the_wrong_sender_or_replayed_is_refused(build: type[F
     replay = envelope.model_copy(update={"job_id": job2.job_id, "message_id": "e" * 32})
     assert federation.sites[0].poll(timeout=5)  # job spec
     assert federation.sites[0].poll(timeout=5)  # the real first token: trained and sent on
-    publish_raw(federation, "site-2", "site-1", encode_frame(forged, payload))
-    publish_raw(federation, "aggregator", "site-1", encode_frame(replay, payload))
+    keys = federation.security
+    publish_raw(federation, "site-2", "site-1", encode_frame(sign(forged, keys["site-2"]), payload))
+    replayed = sign(replay, keys["aggregator"])
+    publish_raw(federation, "aggregator", "site-1", encode_frame(replayed, payload))
     run_until(federation.endpoints, lambda: state2.finished)
     assert state2.status is Status.DONE, state2.reason
     reasons = federation.sites[0].rejected

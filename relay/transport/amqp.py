@@ -21,9 +21,11 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pika
@@ -40,6 +42,28 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+class TlsSettings(BaseModel):
+    """TLS to the broker: the CA that signed the broker's certificate, and this party's client
+    certificate. With ``external_auth`` the broker takes the user name from the certificate's
+    common name (RabbitMQ's EXTERNAL mechanism, plugin ``rabbitmq_auth_mechanism_ssl``) and no
+    password is sent."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ca: Path
+    cert: Path
+    key: Path
+    server_hostname: str | None = None
+    external_auth: bool = True
+
+    def context(self) -> ssl.SSLContext:
+        """A client context that verifies the broker and presents this party's certificate."""
+        context = ssl.create_default_context(cafile=str(self.ca))
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(str(self.cert), str(self.key))
+        return context
+
+
 class BrokerSettings(BaseModel):
     """Where and how to reach RabbitMQ, as one party."""
 
@@ -54,14 +78,24 @@ class BrokerSettings(BaseModel):
     reconnect_attempts: int = Field(default=8, ge=1, le=1000)
     reconnect_delay_s: float = Field(default=0.5, gt=0, le=60)
     reconnect_max_delay_s: float = Field(default=15.0, gt=0, le=600)
+    tls: TlsSettings | None = None
 
     def parameters(self) -> pika.ConnectionParameters:
         """pika's connection parameters."""
+        credentials: pika.credentials.PlainCredentials | pika.credentials.ExternalCredentials
+        if self.tls is not None and self.tls.external_auth:
+            credentials = pika.credentials.ExternalCredentials()
+        else:
+            credentials = pika.PlainCredentials(self.username, self.password.get_secret_value())
+        ssl_options = None
+        if self.tls is not None:
+            ssl_options = pika.SSLOptions(self.tls.context(), self.tls.server_hostname or self.host)
         return pika.ConnectionParameters(
             host=self.host,
             port=self.port,
             virtual_host=self.vhost,
-            credentials=pika.PlainCredentials(self.username, self.password.get_secret_value()),
+            credentials=credentials,
+            ssl_options=ssl_options,
             heartbeat=self.heartbeat_s,
             blocked_connection_timeout=300,
             connection_attempts=1,

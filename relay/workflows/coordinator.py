@@ -50,6 +50,7 @@ from relay.envelope import (
 from relay.errors import ConfigError, EnvelopeError, JobFailed, TransportError
 from relay.jobspec import Aggregation, Algorithm, JobSpec
 from relay.messaging import Received, check_chunking
+from relay.security import Security
 from relay.topology import Topology
 from relay.transport import Transport
 from relay.validation import parse_json
@@ -123,8 +124,15 @@ class Coordinator(Endpoint):
         spool: Path,
         clock: Callable[[], float] = time.time,
         on_finish: Callable[[JobState], None] | None = None,
+        security: Security | None = None,
     ) -> None:
-        super().__init__(name=AGGREGATOR, transport=transport, topology=topology, spool=spool)
+        super().__init__(
+            name=AGGREGATOR,
+            transport=transport,
+            topology=topology,
+            spool=spool,
+            security=security,
+        )
         self.clock = clock
         self.on_finish = on_finish
         self.jobs: dict[str, JobState] = {}
