@@ -108,6 +108,13 @@ def _job_options(command: F) -> F:
             type=float,
         ),
         _option(
+            "--ring-gate",
+            "SWT/CWT: a site refuses a model whose mean Dice on its validation cases is more "
+            "than this below the model it last passed on, and trains that one instead  "
+            "[default: off]",
+            type=float,
+        ),
+        _option(
             "--dp-clip-norm",
             "Differential privacy: clip each model a site sends to this L2 norm of its "
             "update  [default: off]",
@@ -422,16 +429,17 @@ def job_submit(config_path: Path, wait: bool, job_id: str | None, **options: Any
         transport = AmqpTransport(
             config.broker_settings(AGGREGATOR, config.aggregator_section().password)
         )
+        security = config.party_security(AGGREGATOR)
         submit_job(
             transport,
             config.topology(),
             spec,
             initial_weights(spec.model, seed=spec.seed),
-            security=config.party_security(AGGREGATOR),
+            security=security,
         )
         click.echo(spec.job_id)
         if wait:
-            ended = wait_for_job(transport, config.topology(), spec.job_id)
+            ended = wait_for_job(transport, config.topology(), spec.job_id, security=security)
             transport.close()
             click.echo(f"{ended.command}{': ' + ended.reason if ended.reason else ''}")
             if ended.command is not Command.JOB_DONE:

@@ -12,7 +12,7 @@ from typing import Any
 
 from node.config import FederationConfig
 from relay.codec import Encoding, StateDict
-from relay.envelope import AGGREGATOR, ControlEnvelope, JobSpecEnvelope, ModelEnvelope
+from relay.envelope import AGGREGATOR, ControlEnvelope, JobSpecEnvelope, ModelEnvelope, to_wire
 from relay.errors import FedrelayError, InvalidInput, JobFailed, TransportError
 from relay.frame import decode_frame
 from relay.jobspec import JobSpec
@@ -45,11 +45,18 @@ def submit_job(
 
 
 def wait_for_job(
-    transport: Transport, topology: Topology, job_id: str, *, timeout_s: float = 7 * 24 * 3600
+    transport: Transport,
+    topology: Topology,
+    job_id: str,
+    *,
+    timeout_s: float = 7 * 24 * 3600,
+    security: Security | None = None,
 ) -> ControlEnvelope:
     """Follow the events queue until job ``job_id`` is done or failed; return that event.
 
-    It consumes the events it reads (the events queue is for one watcher at a time).
+    Only the aggregator ends a job: an end event from anyone else (any site may publish
+    events), or, with ``security``, one not signed by the aggregator, is ignored. It consumes
+    the events it reads (the events queue is for one watcher at a time).
     """
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -59,6 +66,10 @@ def wait_for_job(
         transport.ack(delivery)
         try:
             envelope, _ = decode_frame(delivery.message.body)
+            if envelope.sender != AGGREGATOR or delivery.message.user_id != AGGREGATOR:
+                continue
+            if security is not None:
+                security.verify(to_wire(envelope), envelope.sender)
         except InvalidInput:
             continue
         if isinstance(envelope, ControlEnvelope) and envelope.job_id == job_id:

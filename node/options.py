@@ -43,6 +43,7 @@ class JobOptions(BaseModel):
     aggregation: Aggregation = Aggregation.MEAN
     trim_fraction: float = Field(default=0.2, ge=0.0, lt=0.5)
     max_update_norm: float | None = Field(default=None, gt=0)
+    ring_gate: float | None = Field(default=None, gt=0, le=1)
     dp_clip_norm: float | None = Field(default=None, gt=0)
     dp_noise_multiplier: float | None = Field(default=None, gt=0)
     dp_delta: float = Field(default=1e-5, gt=0, lt=1)
@@ -92,6 +93,7 @@ class JobOptions(BaseModel):
             aggregation=self.aggregation,
             trim_fraction=self.trim_fraction,
             max_update_norm=self.max_update_norm,
+            ring_gate=self.ring_gate,
             privacy=self.privacy(),
             seed=self.seed,
             model=ModelSpec(name=self.model, width=self.width, depth=self.depth),

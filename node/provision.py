@@ -98,7 +98,9 @@ def definitions(topology: Topology, vhost: str, passwords: dict[str, str | None]
             }
         )
         if user == monitor:
-            rights = {"configure": "^$", "write": "^$", "read": _exact(topology.events_queue)}
+            # It follows events and peeks dead letters (`fedrelay status`), requeueing them.
+            watched = "|".join(re.escape(q) for q in (topology.events_queue, topology.dead_queue))
+            rights = {"configure": "^$", "write": "^$", "read": f"^({watched})$"}
             permissions.append({"user": user, "vhost": vhost, **rights})
             continue
         own = topology.queue_of(user)
@@ -385,7 +387,9 @@ def provision(
         (tls_folder / "ca.pem").write_bytes(authority.pem())
         (tls_folder / "server.pem").write_bytes(cert)
         write_private(tls_folder / "server.key", key)
-        write_private(tls_folder / "ca.key", _pem(authority.key))
+        # The CA's key mints identities: it stays with whoever provisions, not on the broker.
+        (operator / "ca").mkdir(mode=0o700)
+        write_private(operator / "ca" / "ca.key", _pem(authority.key))
     defs = definitions(topology, config.broker.vhost, passwords)
     write_private(operator / "definitions.json", json.dumps(defs, indent=2).encode())
     conf = rabbitmq_conf(

@@ -122,6 +122,17 @@ class RoundRow(BaseModel):
     """Sites whose update was clipped to ``max_update_norm``, with its norm before."""
 
 
+class RefusedHop(BaseModel):
+    """A ring hop the receiving site's validation gate refused (see ``ring_gate``)."""
+
+    site: str
+    cycle: int
+    hop: int
+    sender: str
+    dice_mean: float
+    reference_dice_mean: float
+
+
 class TrafficSummary(BaseModel):
     """Bytes and messages published, over all parties, by message kind."""
 
@@ -164,6 +175,7 @@ class SimulationResult(BaseModel):
     history: list[MetricsRow]
     rounds: list[RoundRow]
     late: list[str]
+    refused_hops: list[RefusedHop] = Field(default_factory=list)
     dead_letters: list[str]
     bytes_moved: TrafficSummary
     wall_time_s: float
@@ -408,6 +420,7 @@ def _write_results(
         ],
         rounds=[RoundRow(**vars(r)) for r in state.rounds],
         late=state.late,
+        refused_hops=[RefusedHop(**vars(r)) for r in state.refused],
         dead_letters=[reason for e in endpoints for reason in e.rejected],
         bytes_moved=TrafficSummary(
             total_bytes=sum(t.total_bytes for t in traffic),

@@ -41,7 +41,13 @@ from relay.storage import replace_file
 from relay.topology import Topology
 from relay.transport import Transport
 from relay.validation import parse_json
-from relay.workflows.ring import expected_hop, next_stop
+from relay.workflows.ring import (
+    arrival_before,
+    expected_hop,
+    next_stop,
+    previous_stop,
+    reference_stop,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +73,8 @@ class SiteNode(Endpoint):
         self.algos: dict[str, SiteAlgo] = {}
         self._references: dict[str, StateDict] = {}
         self._ring_position: dict[str, tuple[int, int]] = {}
+        self._gate_references: dict[str, dict[tuple[int, int], StateDict]] = {}
+        """Per gated ring job and (cycle, hop) to come: the model sent to this hop's sender."""
         self._noise_secret: bytes | None = None  # read from the spool when first needed
         self._jobs_dir = spool / "jobs"
         self._jobs_dir.mkdir(parents=True, exist_ok=True)
@@ -117,23 +125,23 @@ class SiteNode(Endpoint):
             )
 
     def _check_route(self, job: JobSpec, envelope: ModelEnvelope) -> None:
-        train = envelope.task is Task.TRAIN
-        if train and envelope.members != 1:
+        single = envelope.task is not Task.EVALUATE
+        if single and envelope.members != 1:
             raise EnvelopeError(
-                f"envelope.members: a model to train is a single model, got {envelope.members}"
+                f"envelope.members: a model to {envelope.task} is a single model, got "
+                f"{envelope.members}"
             )
-        if not train and envelope.members > len(job.sites):
+        if not single and envelope.members > len(job.sites):
             raise EnvelopeError(
                 f"envelope.members: got {envelope.members}, the job has {len(job.sites)} sites"
             )
-        if not (train and job.algorithm.is_ring):
+        if envelope.task is Task.REFERENCE:
+            expected = self._reference_sender(job, envelope)
+        elif envelope.task is Task.EVALUATE or not job.algorithm.is_ring:
             expected = AGGREGATOR
         else:
             expected_hop(job, self.name, round=envelope.round, hop=envelope.hop)
-            if envelope.hop > 0:
-                expected = job.sites[envelope.hop - 1]
-            else:
-                expected = AGGREGATOR if envelope.round == 0 else job.sites[-1]
+            expected = previous_stop(job, round=envelope.round, hop=envelope.hop)
             last = self._ring_position.get(job.job_id)
             if last is not None and (envelope.round, envelope.hop) <= last:
                 raise EnvelopeError(
@@ -146,6 +154,20 @@ class SiteNode(Endpoint):
                 f"envelope.sender: this {job.algorithm} model must come from {expected!r}, "
                 f"got {envelope.sender!r}"
             )
+
+    def _reference_sender(self, job: JobSpec, envelope: ModelEnvelope) -> str:
+        """Who sends the gate's reference for the hop at (round, hop): the site two back."""
+        if job.ring_gate is None:
+            raise EnvelopeError(f"envelope.task: job {job.job_id} has no ring gate to refer to")
+        expected_hop(job, self.name, round=envelope.round, hop=envelope.hop)
+        before = arrival_before(job, round=envelope.round, hop=envelope.hop)
+        sender = None if before is None else previous_stop(job, round=before[0], hop=before[1])
+        if sender is None or sender == AGGREGATOR:
+            raise EnvelopeError(
+                f"envelope.task: no site sends a reference for cycle {envelope.round} hop "
+                f"{envelope.hop} (the ring's start is judged against the job's initial model)"
+            )
+        return sender
 
     def prepare(self, received: Received) -> Action | None:
         """Accept job specs, models to train or evaluate, and cancellations."""
@@ -174,6 +196,11 @@ class SiteNode(Endpoint):
             check_compatible(reference, member, who=f"model from {envelope.sender!r} member {i}")
         if envelope.task is Task.EVALUATE:
             return lambda: self._evaluate_final(job, envelope, members)
+        if envelope.task is Task.REFERENCE:
+            at = (envelope.round, envelope.hop)
+            return lambda: self._gate_references.setdefault(job.job_id, {}).__setitem__(
+                at, members[0]
+            )
         if job.algorithm.is_ring:
             self._ring_position[job.job_id] = (envelope.round, envelope.hop)
             self._save_job(job.job_id)
@@ -209,6 +236,7 @@ class SiteNode(Endpoint):
         self.jobs.pop(job_id, None)
         self._references.pop(job_id, None)
         self._ring_position.pop(job_id, None)
+        self._gate_references.pop(job_id, None)
         algo = self.algos.pop(job_id, None)
         if algo is not None:
             algo.finalize(job_id)
@@ -256,10 +284,56 @@ class SiteNode(Endpoint):
         # The final evaluation is the last thing a job asks of a site.
         self._forget(job.job_id)
 
+    def _gate(
+        self, job: JobSpec, envelope: ModelEnvelope, weights: StateDict, score: dict[str, float]
+    ) -> StateDict:
+        """The ring gate: the received model, or, if it scores more than ``ring_gate`` below
+        the model its sender received (the reference), that model; a refusal is reported to
+        the aggregator for the results."""
+        assert job.ring_gate is not None
+        at = (envelope.round, envelope.hop)
+        before = self._gate_references.get(job.job_id, {}).pop(at, None)
+        if before is None and arrival_before(job, round=at[0], hop=at[1]) == (0, 0):
+            before = self._reference(job)  # the ring's first model: the job's initial one
+        if before is None:
+            log.warning(
+                "site %s: no gate reference for cycle %d hop %d (lost in a restart?); the hop "
+                "from %s is taken unchecked",
+                self.name,
+                *at,
+                envelope.sender,
+            )
+            return weights
+        algo = self.algos[job.job_id]
+        reference = algo.evaluate([before]).as_dict().get("dice_mean")
+        received = score.get("dice_mean")
+        if reference is None or received is None:
+            raise ConfigError(
+                f"job {job.job_id}: ring_gate needs this site's evaluate() to report dice_mean"
+            )
+        if received >= reference - job.ring_gate:
+            return weights
+        log.warning(
+            "site %s refuses the model from %s (cycle %d hop %d): Dice %.3f, %.3f below the "
+            "%.3f of the model it was sent; training that one instead",
+            self.name,
+            envelope.sender,
+            *at,
+            received,
+            reference - received,
+            reference,
+        )
+        refusal = {"dice_mean": received, "reference_dice_mean": reference}
+        self._metrics(job, "refused", refusal, round=at[0], hop=at[1], recipient=AGGREGATOR)
+        return before
+
     def _train(self, job: JobSpec, envelope: ModelEnvelope, weights: StateDict) -> None:
         round, hop = envelope.round, envelope.hop
         algo = self.algos[job.job_id]
-        self._metrics(job, "received", algo.evaluate([weights]).as_dict(), round=round, hop=hop)
+        score = algo.evaluate([weights]).as_dict()
+        self._metrics(job, "received", score, round=round, hop=hop)
+        if job.ring_gate is not None:
+            weights = self._gate(job, envelope, weights, score)
         received = weights
         passes = job.rounds if job.algorithm is Algorithm.ENSEMBLE else 1
         for step in range(passes):
@@ -293,6 +367,21 @@ class SiteNode(Endpoint):
             where = {"recipient": stop.recipient, "round": stop.round, "hop": stop.hop}
         if not job.algorithm.is_ring:
             where |= {"sample_count": result.sample_count, "metrics": trained}
+        if job.algorithm.is_ring and job.ring_gate is not None:
+            # The site after next judges the next site's hop against what that site was sent.
+            after = reference_stop(job, str(where["recipient"]), round=round)
+            if after is not None:
+                self.outbox.send(
+                    ModelEnvelope,
+                    Encoding(weights),
+                    chunk_size=job.chunk_size,
+                    job_id=job.job_id,
+                    algorithm=job.algorithm,
+                    recipient=after.recipient,
+                    round=after.round,
+                    hop=after.hop,
+                    task=Task.REFERENCE,
+                )
         self.outbox.send(
             make,
             Encoding(weights),

@@ -15,7 +15,14 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, model_validator
 
 from relay.errors import EnvelopeError
-from relay.jobspec import MAX_CHUNK_SIZE, MAX_SITES, NAME_PATTERN, Algorithm, Frozen
+from relay.jobspec import (
+    MAX_CHUNK_SIZE,
+    MAX_PAYLOAD,
+    MAX_SITES,
+    NAME_PATTERN,
+    Algorithm,
+    Frozen,
+)
 from relay.security import Sealed
 from relay.validation import parse
 
@@ -28,8 +35,6 @@ AGGREGATOR = "aggregator"
 EVENTS = "events"
 """Recipient of broadcast events (metrics, job state); routed as ``events.<kind>``."""
 
-MAX_PAYLOAD = 2**32 + 2**26
-"""The codec's 4 GiB of tensor bytes plus room for its header."""
 
 MAX_SAMPLES = 10**9
 """More cases than any site holds: a larger sample count is an attempt to dominate FedAvg."""
@@ -59,6 +64,8 @@ class Task(StrEnum):
 
     TRAIN = "train"
     EVALUATE = "evaluate"
+    REFERENCE = "reference"
+    """Keep it to judge the ring hop at (round, hop): the model before that hop's training."""
 
 
 class Command(StrEnum):
@@ -179,7 +186,9 @@ class MetricsEnvelope(EnvelopeBase):
     """Measurements from a site (payload empty): ``stage`` says which model they describe."""
 
     kind: Literal[Kind.METRICS] = Kind.METRICS
-    stage: Literal["received", "trained", "final"]
+    stage: Literal["received", "trained", "final", "refused"]
+    """Which model: as received, as trained, the final one, or one the ring gate refused
+    (its score and the reference's, sent to the aggregator for the results)."""
     sample_count: int = Field(
         default=0, ge=0, le=MAX_SAMPLES, description="validation cases measured"
     )

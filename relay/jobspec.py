@@ -25,6 +25,9 @@ MAX_SITES = 1000
 RESERVED = frozenset({"aggregator", "events"})
 """Names with their own routes; no site may take them."""
 
+MAX_PAYLOAD = 2**32 + 2**26
+"""The codec's 4 GiB of tensor bytes plus room for its header."""
+
 MAX_CHUNK_SIZE = 64 * 1024 * 1024
 """Half RabbitMQ 3.x's 128 MiB message limit: room for the envelope, and a clear ceiling."""
 
@@ -156,6 +159,14 @@ class JobSpec(Frozen):
         description="FedAvg: clip each site's update (its change of the model) to this L2 "
         "norm before aggregating; None: no clipping",
     )
+    ring_gate: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="SWT/CWT: a site refuses a model whose mean Dice on its validation cases "
+        "is more than this below the model it last passed on (at first, the job's initial "
+        "model), and trains that one instead; None: every hop is taken",
+    )
     privacy: PrivacySpec | None = Field(
         default=None, description="differential privacy at every site; None: off"
     )
@@ -182,6 +193,8 @@ class JobSpec(Frozen):
             raise ValueError(
                 f"'aggregation' and 'max_update_norm' apply to fedavg only, not {self.algorithm}"
             )
+        if self.ring_gate is not None and not self.algorithm.is_ring:
+            raise ValueError(f"'ring_gate' applies to swt and cwt only, not {self.algorithm}")
         # A round may close at the quorum: robustness must hold with that few sites.
         quorum = self.min_sites or len(self.sites)
         if self.aggregation is not Aggregation.MEAN and quorum < 3:

@@ -40,8 +40,8 @@ E = TypeVar("E", bound=EnvelopeBase)
 class Traffic:
     """What one party has published: messages and body bytes, by message kind.
 
-    A model sent to be scored, not trained (the final model every site evaluates), is
-    counted apart, as ``model:evaluate``, so that training traffic can be told from it.
+    A model sent to be scored, not trained, is counted apart: the final model every site
+    evaluates as ``model:evaluate``, a ring gate's reference as ``model:reference``.
     """
 
     messages: Counter[str] = field(default_factory=Counter)
@@ -138,8 +138,8 @@ class Outbox:
                 exchange=self.topology.exchange,
             )
             kind = str(envelope.kind)
-            if isinstance(envelope, ModelEnvelope) and envelope.task is Task.EVALUATE:
-                kind += ":evaluate"
+            if isinstance(envelope, ModelEnvelope) and envelope.task is not Task.TRAIN:
+                kind += f":{envelope.task}"
             self.traffic.messages[kind] += 1
             self.traffic.bytes[kind] += len(message.body)
         assert envelope is not None  # split() always yields at least one chunk
@@ -221,13 +221,16 @@ def dedup_key(envelope: Envelope) -> str:
     handled as a new transfer's until then, and what they stored is discarded there."""
     task = getattr(envelope, "task", None)
     stage = getattr(envelope, "stage", None)
+    # Sealed afresh, a message sent again has other ciphertext: the plaintext's MAC says it
+    # is the same (and every chunk carries it).
+    content = envelope.sealed.plaintext_mac if envelope.sealed else envelope.payload_digest
     parts = (
         envelope.job_id,
         envelope.kind,
         envelope.round,
         envelope.hop,
         envelope.sender,
-        envelope.payload_digest,
+        content,
         task,
         stage,
     )
@@ -249,6 +252,8 @@ class Inbox:
         self.security = security
         self.reassembler = Reassembler(spool / "chunks")
         self._seen: set[str] = set(seen or ())
+        self._seen_ids: set[str] = set()
+        """Message ids handled since this process started (a replay keeps its signed id)."""
 
     def receive(
         self, delivery: Delivery, *, screen: Callable[[Envelope], None] | None = None
@@ -279,13 +284,18 @@ class Inbox:
         if dedup_key(envelope) in self._seen:
             if envelope.is_chunked:
                 self.reassembler.discard(transfer_key(envelope))
-            if self.security is not None and not delivery.redelivered:
+            replayed = envelope.message_id in self._seen_ids and not delivery.redelivered
+            if self.security is not None and replayed:
                 # The broker redelivers what it gave out and got back unacked; a handled,
-                # signed message arriving anew was published again: by whom, it cannot say.
+                # signed message arriving anew, same message id, was published again. (A
+                # sender that sends a message again after a restart gives it a new id: that
+                # copy is dropped quietly below.)
                 raise EnvelopeError(
                     f"replayed: {envelope.kind} {envelope.message_id} from {envelope.sender} "
                     f"(job {envelope.job_id}, round {envelope.round}, hop {envelope.hop}) was "
-                    "already handled here; this copy was published again"
+                    "already handled here; this copy was published again (by someone holding "
+                    "the sender's broker credentials, or by the sender retrying after a lost "
+                    "connection: either way, it is not used twice)"
                 )
             # Before screening: a copy of a job's last message may arrive after the job ended.
             log.info("duplicate %s from %s ignored", envelope.kind, envelope.sender)
@@ -343,6 +353,7 @@ class Inbox:
         """The message is in the journal: drop copies of it from now on, and forget its
         chunked transfer."""
         self._seen.add(dedup_key(received.envelope))
+        self._seen_ids.add(received.envelope.message_id)
         if received.envelope.is_chunked:
             self.reassembler.release(transfer_key(received.envelope))
 

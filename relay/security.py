@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes, hmac, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pydantic import Field
 
 from relay.errors import ConfigError, EnvelopeError, InvalidInput
-from relay.jobspec import NAME_PATTERN, Frozen
+from relay.jobspec import MAX_PAYLOAD, NAME_PATTERN, Frozen
 from relay.validation import parse_json
 
 SIGNING_KEY_FILE = "signing.key"
@@ -100,7 +100,10 @@ class Sealed(Frozen):
 
     scheme: Literal["x25519-hkdf-sha256-aes256gcm"] = SEAL_SCHEME
     ephemeral_key: Key32
-    plaintext_size: int = Field(ge=0)
+    plaintext_size: int = Field(ge=0, le=MAX_PAYLOAD)
+    plaintext_mac: str = Field(pattern=r"^[0-9a-f]{64}$")
+    """HMAC-SHA256 of the plaintext under a key only sender and recipient share: a message sent
+    again (with fresh ciphertext) is recognised as the same, and the broker learns nothing."""
 
 
 class Identity:
@@ -203,6 +206,10 @@ class Security:
             name: Ed25519PublicKey.from_public_bytes(base64.b64decode(keys.signing))
             for name, keys in roster.parties.items()
         }
+        self._encryption = {
+            name: X25519PublicKey.from_public_bytes(base64.b64decode(keys.encryption))
+            for name, keys in roster.parties.items()
+        }
 
     @property
     def federation(self) -> str:
@@ -244,17 +251,17 @@ class Security:
         self, plaintext: bytes | bytearray | memoryview, *, recipient: str, job_id: str
     ) -> tuple[bytearray, Sealed]:
         """Encrypt a payload for ``recipient``; return the ciphertext and its header."""
-        keys = self.roster.parties.get(recipient)
-        if keys is None:
+        if recipient not in self.roster.parties:
             raise ConfigError(f"cannot encrypt for {recipient!r}: not in the roster")
+        view = memoryview(plaintext).cast("B")
         ephemeral = X25519PrivateKey.generate()
-        peer = X25519PublicKey.from_public_bytes(base64.b64decode(keys.encryption))
         sealed = Sealed(
             ephemeral_key=b64(_raw(ephemeral.public_key())),
-            plaintext_size=len(memoryview(plaintext).cast("B")),
+            plaintext_size=len(view),
+            plaintext_mac=self._mac(view, sender=self.identity.name, recipient=recipient),
         )
-        aes = self._cipher(ephemeral.exchange(peer), sealed, self.identity.name, recipient, job_id)
-        view = memoryview(plaintext).cast("B")
+        shared = ephemeral.exchange(self._encryption[recipient])
+        aes = self._cipher(shared, sealed, self.identity.name, recipient, job_id)
         out = bytearray()
         for index, start, last in _segments(len(view)):
             out += aes.encrypt(_nonce(index, last), view[start : start + SEGMENT], None)
@@ -269,17 +276,20 @@ class Security:
         job_id: str,
     ) -> bytearray:
         """Decrypt a payload sealed for this party; InvalidInput if it was tampered with."""
-        peer = X25519PublicKey.from_public_bytes(base64.b64decode(sealed.ephemeral_key))
-        aes = self._cipher(
-            self.identity.encryption.exchange(peer), sealed, sender, self.identity.name, job_id
-        )
         view = memoryview(ciphertext).cast("B")
-        expected = sealed.plaintext_size + TAG * sum(1 for _ in _segments(sealed.plaintext_size))
+        segments = max(1, -(-sealed.plaintext_size // SEGMENT))
+        expected = sealed.plaintext_size + TAG * segments
         if len(view) != expected:
             raise InvalidInput(
                 f"sealed payload: {len(view)} bytes, expected {expected} for "
                 f"{sealed.plaintext_size} plaintext bytes; it was cut or padded"
             )
+        try:
+            peer = X25519PublicKey.from_public_bytes(base64.b64decode(sealed.ephemeral_key))
+            shared = self.identity.encryption.exchange(peer)
+        except ValueError as e:  # a low-order or malformed point
+            raise InvalidInput(f"sealed.ephemeral_key from {sender!r}: unusable ({e})") from e
+        aes = self._cipher(shared, sealed, sender, self.identity.name, job_id)
         out = bytearray()
         offset = 0
         try:
@@ -292,7 +302,22 @@ class Security:
                 f"sealed payload from {sender!r}: authentication failed; it was tampered with "
                 f"or not encrypted for {self.identity.name!r}"
             ) from e
+        if self._mac(out, sender=sender, recipient=self.identity.name) != sealed.plaintext_mac:
+            raise InvalidInput(f"sealed.plaintext_mac from {sender!r} does not match the payload")
         return out
+
+    def _mac(
+        self, plaintext: bytes | bytearray | memoryview, *, sender: str, recipient: str
+    ) -> str:
+        peer = recipient if sender == self.identity.name else sender
+        shared = self.identity.encryption.exchange(self._encryption[peer])
+        info = "|".join(("fedrelay plaintext mac v1", self.federation, sender, recipient))
+        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info.encode()).derive(
+            shared
+        )
+        mac = hmac.HMAC(key, hashes.SHA256())
+        mac.update(plaintext)
+        return mac.finalize().hex()
 
     def _cipher(
         self, shared: bytes, sealed: Sealed, sender: str, recipient: str, job_id: str

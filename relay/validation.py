@@ -41,8 +41,13 @@ def describe(
             lines.append(f"{what}: {message}")
         elif problem["type"] == "missing":
             lines.append(f"{what}.{field}: missing; it is required")
-        elif problem["type"] == "extra_forbidden" or "password" in field.lower():
-            # The value of a misspelt or secret key may be a password: never echo it.
+        elif (
+            problem["type"] == "extra_forbidden"
+            or "password" in field.lower()
+            or isinstance(problem.get("input"), Mapping)
+        ):
+            # The value of a misspelt or secret key, or a whole section, may hold a password:
+            # never echo it.
             lines.append(f"{what}.{field}: {message}")
         else:
             lines.append(f"{what}.{field}: {message} (got {_shown(problem.get('input'))})")

@@ -55,12 +55,14 @@ class Hostile:
         self.inner.finalize(job_id)
 
 
-def _run(tmp_path: Path, *, hostile: bool, **job: object) -> tuple[float, JobState]:
+def _run(
+    tmp_path: Path, *, hostile: bool, at: str = HOSTILE, **job: object
+) -> tuple[float, JobState]:
     settings = {"algorithm": "fedavg", "sites": SITES, "rounds": 4, "local_epochs": 2}
     config = SimulationConfig.model_validate({**TINY, **settings, **job})
     federation = Federation.build(config, tmp_path / f"run-{len(list(tmp_path.iterdir()))}")
     if hostile:
-        site = next(s for s in federation.sites if s.name == HOSTILE)
+        site = next(s for s in federation.sites if s.name == at)
         honest_factory = site.algo_factory
 
         def make(spec: JobSpec) -> SiteAlgo:
@@ -105,7 +107,24 @@ def test_clipping_bounds_how_far_a_hostile_site_moves_the_model_and_records_it(
     assert moved <= clipped.spec.rounds * limit < update_norm(initial, unclipped.final[0])
 
 
+@pytest.mark.slow
+def test_the_ring_gate_refuses_a_hostile_sites_hops_and_records_them(tmp_path: Path) -> None:
+    ring = {"algorithm": "cwt", "rounds": 3}
+    clean, _ = _run(tmp_path, hostile=False, **ring)
+    attacked, _ = _run(tmp_path, hostile=True, at="site-3", **ring)
+    gated, state = _run(tmp_path, hostile=True, at="site-3", ring_gate=0.1, **ring)
+    assert attacked < 0.5 * clean, (attacked, clean)
+    # Every hop after the hostile site is refused, in every cycle, and nothing else is.
+    assert [(r.site, r.sender, r.cycle) for r in state.refused] == [
+        ("site-4", "site-3", cycle) for cycle in range(3)
+    ]
+    assert all(r.dice_mean < r.reference_dice_mean - 0.1 for r in state.refused)
+    assert gated >= 0.95 * clean, (gated, clean)
+
+
 def test_robust_options_are_refused_where_they_cannot_apply() -> None:
+    with pytest.raises(ValueError, match="'ring_gate' applies to swt and cwt only, not fedavg"):
+        SimulationConfig.model_validate({"algorithm": "fedavg", "ring_gate": 0.1})
     with pytest.raises(ValueError, match="apply to fedavg only, not cwt"):
         SimulationConfig.model_validate({"algorithm": "cwt", "aggregation": "median"})
     with pytest.raises(ValueError, match=r"of 3 sites \(the round's quorum\) trims no site"):

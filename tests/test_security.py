@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import stat
+import tomllib
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -15,6 +16,7 @@ import pika
 import pika.exceptions as pe
 import pytest
 import torch
+from pydantic import SecretStr
 
 import relay.security
 from node.config import FederationConfig, load
@@ -22,11 +24,17 @@ from node.models import initial_weights
 from node.operate import quote
 from node.options import JobOptions
 from node.process import aggregator, site_node
-from node.provision import OPERATOR, monitor_user, provision
+from node.provision import OPERATOR, Authority, monitor_user, provision
 from node.site import SiteNode
 from relay.codec import decode, digest, encode
 from relay.envelope import ModelEnvelope, to_wire
-from relay.errors import AccessRefused, ConfigError, EnvelopeError, InvalidInput
+from relay.errors import (
+    AccessRefused,
+    ConfigError,
+    EnvelopeError,
+    InvalidInput,
+    TransportError,
+)
 from relay.frame import decode_frame, encode_frame
 from relay.jobspec import JobSpec
 from relay.messaging import sign
@@ -214,6 +222,21 @@ def test_provision_writes_a_kit_per_party_with_private_files_owner_only(tmp_path
         provision(configs["site-1"], output)
 
 
+def test_a_kit_whose_site_has_no_data_yet_says_so_without_showing_its_password(
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "federation.toml"
+    source.write_text('federation = "bare"\n[sites.site-1]\n[sites.site-2]\n')
+    provision(load(source, environ={}), tmp_path / "kits")
+    kit = tmp_path / "kits" / "site-1" / "federation.toml"
+    text = kit.read_text()
+    assert "# [sites.site-1.data]" in text  # the hint where the site's data goes
+    password = tomllib.loads(text)["sites"]["site-1"]["password"]
+    with pytest.raises(ConfigError, match="give the site either") as refused:
+        load(kit, environ={})
+    assert password not in str(refused.value)
+
+
 def _publish_raw(transport: AmqpTransport, key: str, exchange: str, user_id: str) -> None:
     message = Message(body=b"x", type="model", message_id="m", correlation_id="j", user_id=user_id)
     transport.publish(key, message, exchange=exchange)
@@ -258,9 +281,20 @@ def test_provisioned_users_have_only_the_rights_they_need(
     with pytest.raises(pe.ChannelClosedByBroker, match="ACCESS_REFUSED"):
         connection.channel().queue_delete(topology.site_queue("site-2"))
     connection.close()
-    # The monitoring user sees the federation in the management API, and changes nothing.
-    credentials = (output / OPERATOR / "credentials.toml").read_text()
-    assert monitor_user(config.federation) in credentials
+    # The monitoring user reads the events and the dead letters, and nothing else.
+    monitor = tomllib.loads((output / OPERATOR / "credentials.toml").read_text())["monitor"]
+    watcher = AmqpTransport(
+        settings.model_copy(
+            update={"username": monitor["user"], "password": SecretStr(monitor["password"])}
+        )
+    )
+    try:
+        assert watcher.get(topology.events_queue, timeout=0.5) is not None  # site-1's event
+        assert watcher.get(topology.dead_queue, timeout=0.2) is None
+        with pytest.raises(AccessRefused):
+            watcher.get(topology.site_queue("site-1"), timeout=0.2)
+    finally:
+        watcher.close()
 
 
 def tiny_job(config: FederationConfig) -> JobSpec:
@@ -376,6 +410,15 @@ def test_a_tls_only_federation_logs_in_by_certificate_and_runs_a_job(tmp_path: P
         )
         with pytest.raises(Exception):  # noqa: B017 - any refusal will do
             AmqpTransport(plain)
+        # A party that trusts another CA refuses the broker at once, saying why.
+        stranger = tmp_path / "other-ca.pem"
+        stranger.write_bytes(Authority("other").pem())
+        assert config.broker.tls is not None
+        tls = config.broker.tls.model_copy(update={"ca": stranger})
+        broker_section = config.broker.model_copy(update={"tls": tls})
+        distrustful = config.model_copy(update={"broker": broker_section})
+        with pytest.raises(TransportError, match="certificate this party does not trust"):
+            AmqpTransport(distrustful.broker_settings("site-1", None))
         coordinator, sites = parties(configs)
         job = tiny_job(configs["aggregator"])
         state = coordinator.submit(job, initial_weights(job.model, seed=job.seed))

@@ -376,6 +376,7 @@ def test_a_site_that_crashes_mid_training_resumes_from_its_journal(
         transport=federation.connect("site-2"),
         topology=federation.topology,
         spool=site2.spool,
+        security=federation.security["site-2"],
     )
     assert restarted.jobs == {job.job_id: job}
     assert restarted.resume() == 1
@@ -403,7 +404,7 @@ def test_an_oversize_message_is_dead_lettered_and_the_site_keeps_working(
     job = cfg.job()
     state = federation.coordinator.submit(job, initial_weights(job.model, seed=job.seed))
     payload = bytes(5000)  # more than the job's 4096 bytes a message, unchunked
-    oversize = model_for_site_1(job, payload, round=7)
+    oversize = sign(model_for_site_1(job, payload, round=7), federation.security["aggregator"])
     publish_raw(federation, "aggregator", "site-1", encode_frame(oversize, payload))
     run_until(federation.endpoints, lambda: state.finished)
     assert state.status is Status.DONE, state.reason
@@ -431,6 +432,7 @@ def test_work_that_crashes_on_every_restart_is_given_up_with_a_reason(
             topology=federation.topology,
             transport=federation.connect("site-1"),
             spool=site1.spool,
+            security=federation.security["site-1"],
         )
         with pytest.raises(Crash):
             restarted.resume()
@@ -441,6 +443,7 @@ def test_work_that_crashes_on_every_restart_is_given_up_with_a_reason(
         topology=federation.topology,
         transport=federation.connect("site-1"),
         spool=site1.spool,
+        security=federation.security["site-1"],
     )
     assert restarted.resume() == 1
     assert "was started 3 times and never finished; given up" in restarted.rejected[0]

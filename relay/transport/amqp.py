@@ -33,7 +33,13 @@ import pika.exceptions as pe
 from pika.adapters.blocking_connection import BlockingChannel
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from relay.errors import AccessRefused, MessageTooLarge, TransportError, Unroutable
+from relay.errors import (
+    AccessRefused,
+    ConfigError,
+    MessageTooLarge,
+    TransportError,
+    Unroutable,
+)
 from relay.topology import ORIGINAL_USER_HEADER, REASON_HEADER, Topology
 from relay.transport import Delivery, Message, Transport
 
@@ -57,10 +63,23 @@ class TlsSettings(BaseModel):
     external_auth: bool = True
 
     def context(self) -> ssl.SSLContext:
-        """A client context that verifies the broker and presents this party's certificate."""
-        context = ssl.create_default_context(cafile=str(self.ca))
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(str(self.cert), str(self.key))
+        """A client context that verifies the broker and presents this party's certificate;
+        ConfigError names a file that is missing, unreadable, wrong or readable by others."""
+        try:
+            mode = self.key.stat().st_mode & 0o777
+            context = ssl.create_default_context(cafile=str(self.ca))
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            context.load_cert_chain(str(self.cert), str(self.key))
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(
+                f"broker.tls: cannot use ca {self.ca}, cert {self.cert}, key {self.key} "
+                f"({e}); they come from `fedrelay provision --tls`"
+            ) from e
+        if mode & 0o077:
+            raise ConfigError(
+                f"broker.tls.key {self.key}: mode {mode:04o} lets others read this private key; "
+                f"run `chmod 600 {self.key}`"
+            )
         return context
 
 
@@ -156,6 +175,14 @@ class AmqpTransport(Transport):
                 raise AccessRefused(
                     f"RabbitMQ refused user {self.user!r} on vhost {self.settings.vhost!r} "
                     f"({type(e).__name__}); check the credentials and the vhost permissions"
+                ) from e
+            except ssl.SSLCertVerificationError as e:
+                # Retrying will not make the certificate trusted: say so at once.
+                raise TransportError(
+                    f"the broker at {self.settings.host}:{self.settings.port} presented a "
+                    f"certificate this party does not trust ({e.verify_message}); check "
+                    "broker.tls.ca and that broker.host (or broker.tls.server_hostname) is a "
+                    "name in it"
                 ) from e
             except pe.AMQPConnectionError as e:
                 if attempt == attempts:

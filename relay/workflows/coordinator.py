@@ -16,6 +16,7 @@ evaluated on its validation data, and the job is done when the sites' metrics ar
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ from relay.security import Security
 from relay.topology import Topology
 from relay.transport import Transport
 from relay.validation import parse_json
+from relay.workflows.ring import previous_stop
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,20 @@ class RoundRecord:
     seconds: float
     clipped: dict[str, float] = field(default_factory=dict)
     """Sites whose update was clipped to the job's ``max_update_norm``, with its norm before."""
+
+
+@dataclass(frozen=True)
+class GateRefusal:
+    """A ring hop refused by the receiving site's validation gate: ``site`` scored the model
+    ``sender`` trained lower, by more than the job's ``ring_gate``, than the model it had
+    passed on itself, and trained that one instead."""
+
+    site: str
+    cycle: int
+    hop: int
+    sender: str
+    dice_mean: float
+    reference_dice_mean: float
 
 
 @dataclass
@@ -106,6 +122,8 @@ class JobState:
     final_counts: dict[str, int] = field(default_factory=dict)
     rounds: list[RoundRecord] = field(default_factory=list)
     late: list[str] = field(default_factory=list)
+    refused: list[GateRefusal] = field(default_factory=list)
+    """Ring hops a site's validation gate refused."""
 
     @property
     def finished(self) -> bool:
@@ -322,6 +340,18 @@ class Coordinator(Endpoint):
                 )
             state = self._weights(job, received)
             return lambda: self._evaluate(job, [state], [envelope.sender])
+        if isinstance(envelope, MetricsEnvelope) and envelope.stage == "refused":
+            if job.spec.ring_gate is None:
+                raise EnvelopeError(f"envelope.stage: job {job.spec.job_id} has no ring gate")
+            refusal = GateRefusal(
+                site=envelope.sender,
+                cycle=envelope.round,
+                hop=envelope.hop,
+                sender=previous_stop(job.spec, round=envelope.round, hop=envelope.hop),
+                dice_mean=envelope.metrics.get("dice_mean", math.nan),
+                reference_dice_mean=envelope.metrics.get("reference_dice_mean", math.nan),
+            )
+            return lambda: job.refused.append(refusal)
         if isinstance(envelope, MetricsEnvelope) and envelope.stage == "final":
             if job.status is not Status.EVALUATING:
                 raise EnvelopeError(

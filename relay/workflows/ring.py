@@ -43,3 +43,28 @@ def next_stop(job: JobSpec, site: str, *, round: int) -> Stop:
     if round + 1 < job.rounds:
         return Stop(job.sites[0], round + 1, 0)
     return Stop(AGGREGATOR, round, len(job.sites))
+
+
+def previous_stop(job: JobSpec, *, round: int, hop: int) -> str:
+    """Who sends the token that arrives at ring position ``hop`` of cycle ``round``: the site
+    before it, the last site of the previous cycle, or the aggregator, which starts the ring."""
+    if hop > 0:
+        return job.sites[hop - 1]
+    return job.sites[-1] if round > 0 else AGGREGATOR
+
+
+def arrival_before(job: JobSpec, *, round: int, hop: int) -> tuple[int, int] | None:
+    """Where (cycle, hop) the sender of the token arriving at (``round``, ``hop``) received it;
+    None when the aggregator sent it (the ring's start)."""
+    if hop > 0:
+        return round, hop - 1
+    return (round - 1, len(job.sites) - 1) if round > 0 else None
+
+
+def reference_stop(job: JobSpec, recipient: str, *, round: int) -> Stop | None:
+    """Where a site sends a copy of the token it sends ``recipient`` for cycle ``round``, as
+    the reference for the ring gate: the stop after ``recipient``'s, unless that is the end."""
+    if recipient == AGGREGATOR:
+        return None
+    after = next_stop(job, recipient, round=round)
+    return None if after.recipient == AGGREGATOR else after
