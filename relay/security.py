@@ -262,9 +262,14 @@ class Security:
         )
         shared = ephemeral.exchange(self._encryption[recipient])
         aes = self._cipher(shared, sealed, self.identity.name, recipient, job_id)
-        out = bytearray()
+        # Into one buffer, segment by segment: a fresh object per segment costs more than
+        # the cipher.
+        out = bytearray(_sealed_size(len(view)))
+        target = memoryview(out)
         for index, start, last in _segments(len(view)):
-            out += aes.encrypt(_nonce(index, last), view[start : start + SEGMENT], None)
+            part = view[start : start + SEGMENT]
+            at = start + index * TAG
+            aes.encrypt_into(_nonce(index, last), part, None, target[at : at + len(part) + TAG])
         return out, sealed
 
     def open(
@@ -277,8 +282,7 @@ class Security:
     ) -> bytearray:
         """Decrypt a payload sealed for this party; InvalidInput if it was tampered with."""
         view = memoryview(ciphertext).cast("B")
-        segments = max(1, -(-sealed.plaintext_size // SEGMENT))
-        expected = sealed.plaintext_size + TAG * segments
+        expected = _sealed_size(sealed.plaintext_size)
         if len(view) != expected:
             raise InvalidInput(
                 f"sealed payload: {len(view)} bytes, expected {expected} for "
@@ -290,13 +294,14 @@ class Security:
         except ValueError as e:  # a low-order or malformed point
             raise InvalidInput(f"sealed.ephemeral_key from {sender!r}: unusable ({e})") from e
         aes = self._cipher(shared, sealed, sender, self.identity.name, job_id)
-        out = bytearray()
-        offset = 0
+        out = bytearray(sealed.plaintext_size)
+        target = memoryview(out)
         try:
             for index, start, last in _segments(sealed.plaintext_size):
-                size = min(SEGMENT, sealed.plaintext_size - start) + TAG
-                out += aes.decrypt(_nonce(index, last), view[offset : offset + size], None)
-                offset += size
+                size = min(SEGMENT, sealed.plaintext_size - start)
+                at = start + index * TAG
+                segment = view[at : at + size + TAG]
+                aes.decrypt_into(_nonce(index, last), segment, None, target[start : start + size])
         except InvalidTag as e:
             raise InvalidInput(
                 f"sealed payload from {sender!r}: authentication failed; it was tampered with "
@@ -329,6 +334,11 @@ class Security:
             shared
         )
         return AESGCM(key)
+
+
+def _sealed_size(plaintext: int) -> int:
+    """Ciphertext bytes for ``plaintext`` bytes: one tag per segment."""
+    return plaintext + TAG * max(1, -(-plaintext // SEGMENT))
 
 
 def _segments(size: int) -> Iterator[tuple[int, int, bool]]:
