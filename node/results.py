@@ -48,7 +48,7 @@ def write_job(state: JobState, output: Path) -> Path:
         "final_counts": state.final_counts,
         "rounds": [asdict(r) for r in state.rounds],
         "late": state.late,
-        "refused_hops": [asdict(r) for r in state.refused],
+        "refused_hops": [r.model_dump() for r in state.refused],
         "members": state.final_sites,
         "model_file": model_file,
         "model_sha256": model_digest,

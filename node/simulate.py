@@ -40,7 +40,7 @@ from relay.security import Security, generate
 from relay.topology import Topology
 from relay.transport import Transport
 from relay.transport.memory import MemoryBroker, MemoryTransport
-from relay.workflows.coordinator import Coordinator, JobState, Status
+from relay.workflows.coordinator import Coordinator, GateRefusal, JobState, Status
 
 RESULTS_FILE = "results.json"
 
@@ -122,17 +122,6 @@ class RoundRow(BaseModel):
     """Sites whose update was clipped to ``max_update_norm``, with its norm before."""
 
 
-class RefusedHop(BaseModel):
-    """A ring hop the receiving site's validation gate refused (see ``ring_gate``)."""
-
-    site: str
-    cycle: int
-    hop: int
-    sender: str
-    dice_mean: float
-    reference_dice_mean: float
-
-
 class TrafficSummary(BaseModel):
     """Bytes and messages published, over all parties, by message kind."""
 
@@ -175,7 +164,8 @@ class SimulationResult(BaseModel):
     history: list[MetricsRow]
     rounds: list[RoundRow]
     late: list[str]
-    refused_hops: list[RefusedHop] = Field(default_factory=list)
+    refused_hops: list[GateRefusal] = Field(default_factory=list)
+    """Ring hops a site's validation gate refused (see ``ring_gate``)."""
     dead_letters: list[str]
     bytes_moved: TrafficSummary
     wall_time_s: float
@@ -420,7 +410,7 @@ def _write_results(
         ],
         rounds=[RoundRow(**vars(r)) for r in state.rounds],
         late=state.late,
-        refused_hops=[RefusedHop(**vars(r)) for r in state.refused],
+        refused_hops=state.refused,
         dead_letters=[reason for e in endpoints for reason in e.rejected],
         bytes_moved=TrafficSummary(
             total_bytes=sum(t.total_bytes for t in traffic),

@@ -367,29 +367,24 @@ class SiteNode(Endpoint):
             where = {"recipient": stop.recipient, "round": stop.round, "hop": stop.hop}
         if not job.algorithm.is_ring:
             where |= {"sample_count": result.sample_count, "metrics": trained}
+        sends: list[tuple[Callable[..., EnvelopeBase], dict[str, object]]] = []
         if job.algorithm.is_ring and job.ring_gate is not None:
             # The site after next judges the next site's hop against what that site was sent.
             after = reference_stop(job, str(where["recipient"]), round=round)
             if after is not None:
-                self.outbox.send(
-                    ModelEnvelope,
-                    Encoding(weights),
-                    chunk_size=job.chunk_size,
-                    job_id=job.job_id,
-                    algorithm=job.algorithm,
-                    recipient=after.recipient,
-                    round=after.round,
-                    hop=after.hop,
-                    task=Task.REFERENCE,
-                )
-        self.outbox.send(
-            make,
-            Encoding(weights),
-            chunk_size=job.chunk_size,
-            job_id=job.job_id,
-            algorithm=job.algorithm,
-            **where,
-        )
+                reference = {"recipient": after.recipient, "round": after.round, "hop": after.hop}
+                sends.append((ModelEnvelope, reference | {"task": Task.REFERENCE}))
+        # The reference first: it must reach the site after next before the next token does.
+        sends.append((make, where))
+        for kind, fields in sends:
+            self.outbox.send(
+                kind,
+                Encoding(weights),
+                chunk_size=job.chunk_size,
+                job_id=job.job_id,
+                algorithm=job.algorithm,
+                **fields,
+            )
         log.info(
             "site %s: %s round %d hop %d trained and sent", self.name, job.algorithm, round, hop
         )

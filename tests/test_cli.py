@@ -114,3 +114,38 @@ def test_option_names_in_errors_are_spelled_as_on_the_command_line(tmp_path: Pat
     done = run("simulate", "--local-epochs", "0", "--output", str(tmp_path / "never"))
     assert done.returncode == 2
     assert "--local-epochs: Input should be greater than or equal to 1 (got 0)" in done.stderr
+
+
+def test_simulate_can_encrypt_every_payload_and_still_trains(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    done = run(
+        "simulate",
+        "--algorithm",
+        "cwt",
+        "--rounds",
+        "2",
+        *TINY,
+        "--output",
+        str(out),
+        "--encrypt-payloads",
+        "--json",
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["status"] == "done" and not result["dead_letters"]
+    assert result["final_overall"]["dice_mean"] > result["initial_overall"]["dice_mean"]
+
+
+def test_provision_writes_the_kits_and_refuses_to_overwrite_them(tmp_path: Path) -> None:
+    source = tmp_path / "federation.toml"
+    source.write_text('federation = "demo"\n[sites.site-1]\n[sites.site-2]\n')
+    kits = tmp_path / "kits"
+    done = run("provision", str(source), "-o", str(kits), "--tls", "--encrypt-payloads")
+    assert done.returncode == 0, done.stderr
+    for party in ("aggregator", "site-1", "site-2"):
+        assert f"{party}: {kits / party}/" in done.stdout
+        assert (kits / party / "tls" / "client.pem").exists()
+    assert (kits / "operator" / "definitions.json").exists()
+    assert "PRIVATE KEY" not in done.stdout + done.stderr
+    again = run("provision", str(source), "-o", str(kits))
+    assert again.returncode == 1 and "is not empty" in again.stderr

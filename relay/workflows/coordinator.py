@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict
+
 from relay.aggregation import (
     WeightedMean,
     bundle,
@@ -82,11 +84,12 @@ class RoundRecord:
     """Sites whose update was clipped to the job's ``max_update_norm``, with its norm before."""
 
 
-@dataclass(frozen=True)
-class GateRefusal:
+class GateRefusal(BaseModel):
     """A ring hop refused by the receiving site's validation gate: ``site`` scored the model
-    ``sender`` trained lower, by more than the job's ``ring_gate``, than the model it had
-    passed on itself, and trained that one instead."""
+    ``sender`` trained lower, by more than the job's ``ring_gate``, than the model ``sender``
+    had been sent, and trained that one instead."""
+
+    model_config = ConfigDict(frozen=True)
 
     site: str
     cycle: int
