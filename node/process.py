@@ -18,6 +18,7 @@ from node.data import cases_from, read_cases
 from node.phantom import federation_site
 from node.results import write_job
 from node.site import SiteNode
+from node.systemd import notify
 from node.trainer import trainer_factory
 from relay.endpoint import Endpoint
 from relay.envelope import AGGREGATOR
@@ -94,9 +95,11 @@ def serve(endpoint: Endpoint, stop: threading.Event) -> None:
             "%s finished %d message(s) left from before its restart", endpoint.name, resumed
         )
     log.info("%s serving %s", endpoint.name, endpoint.queue)
+    notify(f"READY=1\nSTATUS=serving {endpoint.queue}")
     while not stop.is_set():
         endpoint.poll(timeout=POLL_S)
         endpoint.tick(time.time())
+    notify("STOPPING=1")
     endpoint.close()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -254,3 +255,49 @@ def test_connections_closed_by_the_broker_are_survived(deployment: Deployment) -
 @pytest.fixture(autouse=True)
 def _environment_has_no_overrides() -> None:
     assert not [k for k in os.environ if k.startswith("FEDRELAY_") and k != "FEDRELAY_CONFIG"]
+
+
+UNITS = Path(__file__).resolve().parents[1] / "deploy" / "systemd"
+
+
+def test_the_systemd_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    units = []
+    for name in ("fedrelay-node@.service", "fedrelay-aggregator.service"):
+        text = (UNITS / name).read_text()
+        for directive in ("ProtectSystem=strict", "NoNewPrivileges=yes", "Type=notify"):
+            assert directive in text, (name, directive)
+        # verify checks that ExecStart exists: point it at this checkout's fedrelay.
+        unit = tmp_path / name.replace("@.", "@site-1.")
+        unit.write_text(text.replace("/opt/fedrelay/venv/bin/fedrelay", FEDRELAY))
+        units.append(str(unit))
+    verified = subprocess.run(
+        ["systemd-analyze", "verify", *units], capture_output=True, text=True, check=False
+    )
+    assert verified.returncode == 0 and not verified.stderr.strip(), verified.stderr
+
+
+def test_a_node_tells_systemd_it_is_ready_and_that_it_stops(tmp_path: Path) -> None:
+    broker = TestBroker()
+    node = None
+    try:
+        config = write_config(tmp_path, broker)
+        subprocess.run([FEDRELAY, "topology", "declare", "-c", str(config)], check=True)
+        address = tmp_path / "notify"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
+            systemd.bind(str(address))
+            systemd.settimeout(120)
+            node = subprocess.Popen(
+                [FEDRELAY, "node", "run", "-c", str(config), "--site", "site-1"],
+                env=os.environ | {"NOTIFY_SOCKET": str(address)},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            ready = systemd.recv(4096).decode()
+            assert ready == "READY=1\nSTATUS=serving fedrelay.deploy.site.site-1", ready
+            node.send_signal(signal.SIGTERM)
+            assert systemd.recv(4096) == b"STOPPING=1"
+            assert node.wait(timeout=60) == 0
+    finally:
+        if node is not None and node.poll() is None:
+            node.kill()
+        broker.delete()
