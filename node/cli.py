@@ -110,7 +110,7 @@ def _job_options(command: F) -> F:
         _option(
             "--ring-gate",
             "SWT/CWT: a site refuses a model whose mean Dice on its validation cases is more "
-            "than this below the model it last passed on, and trains that one instead  "
+            "than this below the model its sender was sent, and trains that one instead  "
             "[default: off]",
             type=float,
         ),

@@ -16,7 +16,7 @@ from pathlib import Path
 from node.algo import AlgoFactory, SiteAlgo
 from node.models import initial_weights
 from relay.aggregation import check_compatible, unbundle
-from relay.codec import Encoding, StateDict, decode
+from relay.codec import Encoding, StateDict, decode, digest
 from relay.endpoint import Action, Endpoint
 from relay.envelope import (
     AGGREGATOR,
@@ -73,8 +73,9 @@ class SiteNode(Endpoint):
         self.algos: dict[str, SiteAlgo] = {}
         self._references: dict[str, StateDict] = {}
         self._ring_position: dict[str, tuple[int, int]] = {}
-        self._gate_references: dict[str, dict[tuple[int, int], StateDict]] = {}
-        """Per gated ring job and (cycle, hop) to come: the model sent to this hop's sender."""
+        self._gate_references: dict[str, dict[tuple[int, int], tuple[StateDict, str]]] = {}
+        """Per gated ring job and (cycle, hop) to come: the model sent to this hop's sender,
+        and its encoding's sha256."""
         self._noise_secret: bytes | None = None  # read from the spool when first needed
         self._jobs_dir = spool / "jobs"
         self._jobs_dir.mkdir(parents=True, exist_ok=True)
@@ -135,19 +136,20 @@ class SiteNode(Endpoint):
             raise EnvelopeError(
                 f"envelope.members: got {envelope.members}, the job has {len(job.sites)} sites"
             )
-        if envelope.task is Task.REFERENCE:
-            expected = self._reference_sender(job, envelope)
-        elif envelope.task is Task.EVALUATE or not job.algorithm.is_ring:
+        if envelope.task is Task.EVALUATE or not job.algorithm.is_ring:
             expected = AGGREGATOR
         else:
-            expected_hop(job, self.name, round=envelope.round, hop=envelope.hop)
-            expected = previous_stop(job, round=envelope.round, hop=envelope.hop)
+            if envelope.task is Task.REFERENCE:
+                expected = self._reference_sender(job, envelope)
+            else:
+                expected_hop(job, self.name, round=envelope.round, hop=envelope.hop)
+                expected = previous_stop(job, round=envelope.round, hop=envelope.hop)
             last = self._ring_position.get(job.job_id)
             if last is not None and (envelope.round, envelope.hop) <= last:
                 raise EnvelopeError(
                     f"envelope.round/hop: cycle {envelope.round} hop {envelope.hop} was already "
-                    f"trained here (last: cycle {last[0]} hop {last[1]}); a second token "
-                    "would fork the ring"
+                    f"trained here (last: cycle {last[0]} hop {last[1]}); a second "
+                    f"{envelope.task} for it is stale (a second token would fork the ring)"
                 )
         if envelope.sender != expected:
             raise EnvelopeError(
@@ -198,13 +200,14 @@ class SiteNode(Endpoint):
             return lambda: self._evaluate_final(job, envelope, members)
         if envelope.task is Task.REFERENCE:
             at = (envelope.round, envelope.hop)
-            return lambda: self._gate_references.setdefault(job.job_id, {}).__setitem__(
-                at, members[0]
-            )
+            kept = (members[0], digest(received.payload))
+            return lambda: self._gate_references.setdefault(job.job_id, {}).__setitem__(at, kept)
         if job.algorithm.is_ring:
             self._ring_position[job.job_id] = (envelope.round, envelope.hop)
             self._save_job(job.job_id)
-        return lambda: self._train(job, envelope, members[0])
+        gated = job.algorithm.is_ring and job.ring_gate is not None
+        basis = digest(received.payload) if gated else None
+        return lambda: self._train(job, envelope, members[0], basis)
 
     def _check_spec(self, spec: JobSpec, envelope: JobSpecEnvelope) -> None:
         if spec.job_id != envelope.job_id or spec.algorithm is not envelope.algorithm:
@@ -285,55 +288,67 @@ class SiteNode(Endpoint):
         self._forget(job.job_id)
 
     def _gate(
-        self, job: JobSpec, envelope: ModelEnvelope, weights: StateDict, score: dict[str, float]
-    ) -> StateDict:
+        self,
+        job: JobSpec,
+        envelope: ModelEnvelope,
+        received: tuple[StateDict, str | None],
+        score: dict[str, float],
+    ) -> tuple[StateDict, str | None]:
         """The ring gate: the received model, or, if it scores more than ``ring_gate`` below
-        the model its sender received (the reference), that model; a refusal is reported to
-        the aggregator for the results."""
+        the model its sender was sent (the reference), that one; a refusal is reported to the
+        aggregator for the results. Returns the model to train and its encoding's sha256."""
         assert job.ring_gate is not None
         at = (envelope.round, envelope.hop)
-        before = self._gate_references.get(job.job_id, {}).pop(at, None)
-        if before is None and arrival_before(job, round=at[0], hop=at[1]) == (0, 0):
-            before = self._reference(job)  # the ring's first model: the job's initial one
-        if before is None:
+        kept: tuple[StateDict, str | None] | None
+        kept = self._gate_references.get(job.job_id, {}).pop(at, None)
+        if kept is None and arrival_before(job, round=at[0], hop=at[1]) == (0, 0):
+            kept = (self._reference(job), None)  # the ring's first model: the job's initial one
+        problem = None
+        if kept is None:
+            problem = "no reference arrived (lost in a restart?)"
+        elif kept[1] is not None and envelope.basis_digest != kept[1]:
+            problem = "the reference is not the model the sender says it trained from"
+        if problem is not None or kept is None:
             log.warning(
-                "site %s: no gate reference for cycle %d hop %d (lost in a restart?); the hop "
-                "from %s is taken unchecked",
+                "site %s: %s for cycle %d hop %d; the hop from %s is taken unchecked",
                 self.name,
+                problem,
                 *at,
                 envelope.sender,
             )
-            return weights
+            return received
         algo = self.algos[job.job_id]
-        reference = algo.evaluate([before]).as_dict().get("dice_mean")
-        received = score.get("dice_mean")
-        if reference is None or received is None:
+        reference = algo.evaluate([kept[0]]).as_dict().get("dice_mean")
+        dice = score.get("dice_mean")
+        if reference is None or dice is None:
             raise ConfigError(
                 f"job {job.job_id}: ring_gate needs this site's evaluate() to report dice_mean"
             )
-        if received >= reference - job.ring_gate:
-            return weights
+        if dice >= reference - job.ring_gate:
+            return received
         log.warning(
             "site %s refuses the model from %s (cycle %d hop %d): Dice %.3f, %.3f below the "
             "%.3f of the model it was sent; training that one instead",
             self.name,
             envelope.sender,
             *at,
-            received,
-            reference - received,
+            dice,
+            reference - dice,
             reference,
         )
-        refusal = {"dice_mean": received, "reference_dice_mean": reference}
+        refusal = {"dice_mean": dice, "reference_dice_mean": reference}
         self._metrics(job, "refused", refusal, round=at[0], hop=at[1], recipient=AGGREGATOR)
-        return before
+        return kept
 
-    def _train(self, job: JobSpec, envelope: ModelEnvelope, weights: StateDict) -> None:
+    def _train(
+        self, job: JobSpec, envelope: ModelEnvelope, weights: StateDict, basis: str | None
+    ) -> None:
         round, hop = envelope.round, envelope.hop
         algo = self.algos[job.job_id]
         score = algo.evaluate([weights]).as_dict()
         self._metrics(job, "received", score, round=round, hop=hop)
-        if job.ring_gate is not None:
-            weights = self._gate(job, envelope, weights, score)
+        if basis is not None and arrival_before(job, round=round, hop=hop) is not None:
+            weights, basis = self._gate(job, envelope, (weights, basis), score)
         received = weights
         passes = job.rounds if job.algorithm is Algorithm.ENSEMBLE else 1
         for step in range(passes):
@@ -370,10 +385,11 @@ class SiteNode(Endpoint):
         sends: list[tuple[Callable[..., EnvelopeBase], dict[str, object]]] = []
         if job.algorithm.is_ring and job.ring_gate is not None:
             # The site after next judges the next site's hop against what that site was sent.
-            after = reference_stop(job, str(where["recipient"]), round=round)
+            after = reference_stop(job, stop.recipient, round=stop.round)
             if after is not None:
                 reference = {"recipient": after.recipient, "round": after.round, "hop": after.hop}
                 sends.append((ModelEnvelope, reference | {"task": Task.REFERENCE}))
+            where["basis_digest"] = basis
         # The reference first: it must reach the site after next before the next token does.
         sends.append((make, where))
         for kind, fields in sends:

@@ -85,7 +85,7 @@ class TensorHeader(Frozen):
     pad: bytes = b""
 
 
-def digest(payload: bytes | bytearray | memoryview) -> str:
+def digest(payload: bytes | bytearray | memoryview | mmap.mmap) -> str:
     """sha256 of a payload, lower-case hex."""
     return hashlib.sha256(payload).hexdigest()
 

@@ -164,6 +164,9 @@ class ModelEnvelope(EnvelopeBase):
     members: int = Field(
         default=1, ge=1, le=MAX_SITES, description="ensemble members in the payload"
     )
+    basis_digest: Digest | None = None
+    """Ring tokens under a validation gate: the sha256 of the model (its encoding) the sender
+    trained from, so that the site judging the hop knows its reference is that model."""
 
 
 class UpdateEnvelope(EnvelopeBase):

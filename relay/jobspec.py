@@ -164,7 +164,7 @@ class JobSpec(Frozen):
         gt=0,
         le=1,
         description="SWT/CWT: a site refuses a model whose mean Dice on its validation cases "
-        "is more than this below the model it last passed on (at first, the job's initial "
+        "is more than this below the model its sender was sent (at first, the job's initial "
         "model), and trains that one instead; None: every hop is taken",
     )
     privacy: PrivacySpec | None = Field(

@@ -108,11 +108,20 @@ def test_clipping_bounds_how_far_a_hostile_site_moves_the_model_and_records_it(
 
 
 @pytest.mark.slow
-def test_the_ring_gate_refuses_a_hostile_sites_hops_and_records_them(tmp_path: Path) -> None:
+def test_the_ring_gate_refuses_a_hostile_sites_hops_and_records_them(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     ring = {"algorithm": "cwt", "rounds": 3}
     clean, _ = _run(tmp_path, hostile=False, **ring)
     attacked, _ = _run(tmp_path, hostile=True, at="site-3", **ring)
+    caplog.clear()
     gated, state = _run(tmp_path, hostile=True, at="site-3", ring_gate=0.1, **ring)
+    # Every hop but the first was judged against its reference, except the one after a
+    # refusal: site-4 trained another model than site-3 was sent, and site-5 holds no copy.
+    unchecked = [r.message for r in caplog.records if "unchecked" in r.message]
+    assert len(unchecked) == 3, unchecked
+    assert all("site-5: the reference is not the model" in m for m in unchecked), unchecked
+    assert not [r.message for r in caplog.records if "dead-letters" in r.message]
     assert attacked < 0.5 * clean, (attacked, clean)
     # Every hop after the hostile site is refused, in every cycle, and nothing else is.
     assert [(r.site, r.sender, r.cycle) for r in state.refused] == [

@@ -57,7 +57,7 @@ from relay.security import Security
 from relay.topology import Topology
 from relay.transport import Transport
 from relay.validation import parse_json
-from relay.workflows.ring import previous_stop
+from relay.workflows.ring import arrival_before, expected_hop, previous_stop
 
 log = logging.getLogger(__name__)
 
@@ -344,8 +344,15 @@ class Coordinator(Endpoint):
             state = self._weights(job, received)
             return lambda: self._evaluate(job, [state], [envelope.sender])
         if isinstance(envelope, MetricsEnvelope) and envelope.stage == "refused":
-            if job.spec.ring_gate is None:
-                raise EnvelopeError(f"envelope.stage: job {job.spec.job_id} has no ring gate")
+            if job.spec.ring_gate is None or job.status is not Status.RUNNING:
+                raise EnvelopeError(
+                    f"envelope.stage: job {job.spec.job_id} ({job.status}) takes no gate "
+                    "refusals; it has no ring gate or is not running"
+                )
+            # Only the site at that ring position judges that hop, and the first is never.
+            expected_hop(job.spec, envelope.sender, round=envelope.round, hop=envelope.hop)
+            if arrival_before(job.spec, round=envelope.round, hop=envelope.hop) is None:
+                raise EnvelopeError("envelope.hop: the ring's first hop is not judged")
             refusal = GateRefusal(
                 site=envelope.sender,
                 cycle=envelope.round,
