@@ -343,7 +343,13 @@ def topology_declare(config_path: Path) -> None:
     required=True,
     help="An empty folder for the kits (one per party, and operator/).",
 )
-@click.option("--tls", is_flag=True, help="A federation CA; parties log in by client certificate.")
+@click.option(
+    "--tls/--no-tls",
+    default=True,
+    show_default=True,
+    help="A federation CA, a TLS-only broker listener, and login by client certificate; "
+    "--no-tls gives parties passwords over plain AMQP instead.",
+)
 @click.option(
     "--broker-name",
     "broker_names",

@@ -140,7 +140,7 @@ def test_provision_writes_the_kits_and_refuses_to_overwrite_them(tmp_path: Path)
     source = tmp_path / "federation.toml"
     source.write_text('federation = "demo"\n[sites.site-1]\n[sites.site-2]\n')
     kits = tmp_path / "kits"
-    done = run("provision", str(source), "-o", str(kits), "--tls", "--encrypt-payloads")
+    done = run("provision", str(source), "-o", str(kits), "--encrypt-payloads")  # TLS: default
     assert done.returncode == 0, done.stderr
     for party in ("aggregator", "site-1", "site-2"):
         assert f"{party}: {kits / party}/" in done.stdout
@@ -149,3 +149,7 @@ def test_provision_writes_the_kits_and_refuses_to_overwrite_them(tmp_path: Path)
     assert "PRIVATE KEY" not in done.stdout + done.stderr
     again = run("provision", str(source), "-o", str(kits))
     assert again.returncode == 1 and "is not empty" in again.stderr
+    plain = tmp_path / "plain"
+    assert run("provision", str(source), "-o", str(plain), "--no-tls").returncode == 0
+    assert not (plain / "site-1" / "tls").exists()
+    assert "password" in (plain / "site-1" / "federation.toml").read_text()
