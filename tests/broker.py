@@ -96,15 +96,16 @@ class SecondBroker:
 
     __test__ = False
 
-    def __init__(self, operator: Path) -> None:
+    def __init__(self, operator: Path, *, plugins: str = "rabbitmq_auth_mechanism_ssl") -> None:
         self.node = f"fedrelay-test-{uuid.uuid4().hex[:8]}@localhost"
         self.home = Path(tempfile.mkdtemp(prefix="fedrelay-broker-"))
         shutil.copytree(operator, self.home / "etc")
         conf = (self.home / "etc" / "rabbitmq.conf").read_text()
         conf = conf.replace(str(operator.resolve()), str(self.home / "etc"))
         (self.home / "etc" / "rabbitmq.conf").write_text(conf)
-        # Only the plugin the TLS login needs: the management plugin's port is the main node's.
-        (self.home / "etc" / "enabled_plugins").write_text("[rabbitmq_auth_mechanism_ssl].\n")
+        # By default only the plugin the TLS login needs: the management plugin would want the
+        # main node's port.
+        (self.home / "etc" / "enabled_plugins").write_text(f"[{plugins}].\n")
         self.home.chmod(0o755)
         if os.geteuid() == 0:
             subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", str(self.home)], check=True)
@@ -136,6 +137,16 @@ class SecondBroker:
                     f"second RabbitMQ node {self.node} did not start: {started.stderr} {logs}"
                 )
             time.sleep(1)
+
+    def setting(self, app: str, key: str) -> str:
+        """A setting as the running node has it (``rabbitmqctl eval``)."""
+        shown = subprocess.run(
+            ["rabbitmqctl", "--node", self.node, "eval", f"application:get_env({app}, {key})."],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return shown.stdout.strip()
 
     def stop(self) -> None:
         """Stop the node and delete its files."""

@@ -17,7 +17,7 @@ import pytest
 
 from node.simulate import Federation, SimulationConfig
 from relay.workflows.coordinator import Status
-from tests.broker import HOST, PASSWORD, TestBroker
+from tests.broker import HOST, PASSWORD, SecondBroker, TestBroker, free_port
 
 FEDRELAY = str(Path(sys.executable).parent / "fedrelay")
 SITES = ("site-1", "site-2", "site-3")
@@ -301,3 +301,22 @@ def test_a_node_tells_systemd_it_is_ready_and_that_it_stops(tmp_path: Path) -> N
         if node is not None and node.poll() is None:
             node.kill()
         broker.delete()
+
+
+def test_the_deployment_rabbitmq_conf_sets_every_limit_it_names(tmp_path: Path) -> None:
+    source = UNITS.parent / "rabbitmq"
+    conf = (source / "rabbitmq.conf").read_text()
+    # The same file on ports of its own, beside the machine's broker.
+    conf = conf.replace("listeners.tcp.default = 5672", f"listeners.tcp.default = {free_port()}")
+    conf = conf.replace("management.tcp.port = 15672", f"management.tcp.port = {free_port()}")
+    (tmp_path / "rabbitmq.conf").write_text(conf)
+    plugins = (source / "enabled_plugins").read_text().strip().strip("[].")
+    broker = SecondBroker(tmp_path, plugins=plugins)
+    try:
+        assert broker.setting("rabbit", "max_message_size") == "{ok,134217728}"
+        assert broker.setting("rabbit", "consumer_timeout") == "{ok,1800000}"
+        assert broker.setting("rabbit", "heartbeat") == "{ok,60}"
+        assert broker.setting("rabbit", "disk_free_limit") == '{ok,"5GB"}'
+        assert broker.setting("rabbit", "vm_memory_high_watermark") == "{ok,0.4}"
+    finally:
+        broker.stop()
