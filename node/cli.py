@@ -24,6 +24,7 @@ from node.operate import federation_status, submit_job, wait_for_job
 from node.options import JobOptions
 from node.process import aggregator, serve, site_node, stop_on_signals
 from node.provision import OPERATOR, provision
+from node.report import load_results, write_report
 from node.results import MODEL_FILE
 from node.simulate import RESULTS_FILE, SimulationConfig, SimulationResult, simulate
 from relay.endpoint import Endpoint
@@ -332,6 +333,25 @@ def topology_declare(config_path: Path) -> None:
     except FedrelayError as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"declared federation {config.federation!r} on vhost {config.broker.vhost!r}")
+
+
+@main.command("report")
+@click.argument("results", type=click.Path(path_type=Path, exists=True))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Folder for report.md and its PNGs  [default: report/ beside the results]",
+)
+def report_command(results: Path, output: Path | None) -> None:
+    """Write a markdown report with plots from a results.json (or its folder)."""
+    try:
+        result = load_results(results)
+        folder = output or (results if results.is_dir() else results.parent) / "report"
+        click.echo(write_report(result, folder))
+    except FedrelayError as e:
+        raise click.ClickException(str(e)) from e
 
 
 @main.command("provision")

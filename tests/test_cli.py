@@ -153,3 +153,29 @@ def test_provision_writes_the_kits_and_refuses_to_overwrite_them(tmp_path: Path)
     assert run("provision", str(source), "-o", str(plain), "--no-tls").returncode == 0
     assert not (plain / "site-1" / "tls").exists()
     assert "password" in (plain / "site-1" / "federation.toml").read_text()
+
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_renders_the_results_as_markdown_with_its_plots(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    dp = ["--dp-clip-norm", "3", "--dp-noise-multiplier", "0.03"]
+    done = run(
+        "simulate", "--algorithm", "fedavg", "--rounds", "2", *TINY, *dp, "--output", str(out)
+    )
+    assert done.returncode == 0, done.stderr
+    made = run("report", str(out))
+    assert made.returncode == 0, made.stderr
+    report = Path(made.stdout.strip())
+    assert report == out / "report" / "report.md"
+    text = report.read_text()
+    result = json.loads((out / "results.json").read_text())
+    assert f"**{result['final_overall']['dice_mean']:.3f}**" in text
+    for image in ("dice", "regions", "traffic", "rounds", "privacy"):
+        assert f"]({image}.png)" in text, image
+        assert (report.parent / f"{image}.png").read_bytes().startswith(PNG), image
+    for site, spent in result["privacy"].items():
+        assert f"| {site} | {spent['epsilon']:,.2f} |" in text
+    missing = run("report", str(tmp_path))
+    assert missing.returncode == 1 and "results.json: cannot be read" in missing.stderr
