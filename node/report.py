@@ -71,9 +71,13 @@ def _site_curves(result: SimulationResult, path: Path) -> None:
     """Global mean Dice against training, and each site's score of what it received."""
     plt = _pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(13, 4.8))
-    curve = federated_curve(result)
-    axes[0].plot(curve.epochs, curve.values, marker="o", markersize=3, label="global")
-    axes[0].set_title(f"{result.job.algorithm}: the federation's model, all sites")
+    title = f"{result.job.algorithm}: the federation's model, all sites"
+    try:
+        curve = federated_curve(result)
+        axes[0].plot(curve.epochs, curve.values, marker="o", markersize=3, label="global")
+    except ValueError as e:  # a job that did not finish, or results without dice_mean
+        title += f"\n(no curve: {e})"
+    axes[0].set_title(title, fontsize="medium")
     axes[0].set_xlabel("epochs of training per site")
     axes[0].set_ylabel("mean Dice (WT, TC, ET)")
     sites = sorted({row.site for row in result.history})
@@ -111,7 +115,8 @@ def write_report(result: SimulationResult, folder: Path) -> Path:
     ]
     for site, metrics in result.final.items():
         scores = " | ".join(f"{metrics.get(key, 0.0):.3f}" for key, _ in REGIONS)
-        lines.append(f"| {site} | {scores} | {result.initial[site].get('dice_mean', 0.0):.3f} |")
+        untrained = result.initial.get(site, {}).get("dice_mean", 0.0)
+        lines.append(f"| {site} | {scores} | {untrained:.3f} |")
     overall = " | ".join(f"**{result.final_overall.get(key, 0.0):.3f}**" for key, _ in REGIONS)
     untrained = result.initial_overall.get("dice_mean", 0.0)
     lines += [f"| all sites | {overall} | {untrained:.3f} |", ""]

@@ -179,3 +179,11 @@ def test_report_renders_the_results_as_markdown_with_its_plots(tmp_path: Path) -
         assert f"| {site} | {spent['epsilon']:,.2f} |" in text
     missing = run("report", str(tmp_path))
     assert missing.returncode == 1 and "results.json: cannot be read" in missing.stderr
+    # A job that failed still gets its report (without the global curve it never finished).
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    broken = result | {"status": "failed", "reason": "site-2 never came back"}
+    (failed / "results.json").write_text(json.dumps(broken))
+    made = run("report", str(failed))
+    assert made.returncode == 0, made.stderr
+    assert "**failed**: site-2 never came back" in (failed / "report" / "report.md").read_text()
