@@ -26,6 +26,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from node.simulate import MetricsRow, SimulationResult
 from relay.jobspec import Algorithm
@@ -153,6 +154,17 @@ Reference = tuple[float, str]
 _END_MARKERS = ("D", "s", "^", "v")
 
 
+def pyplot() -> Any:
+    """matplotlib's pyplot, drawing to files only (never a display); imported when first
+    needed, since most commands draw nothing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot(
     panels: Sequence[tuple[str, Sequence[Band], Reference | None]],
     path: Path,
@@ -164,11 +176,7 @@ def plot(
     shaded ±1 std, and the reference (if any) as a dashed line. A band with no points between
     start and end (an ensemble, SWT) is drawn as its end point with a ±1 std error bar, each
     with its own marker."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never a display
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     figure, axes = plt.subplots(
         1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False, sharey=True
     )

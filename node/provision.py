@@ -79,6 +79,11 @@ def _exact(name: str) -> str:
     return f"^{re.escape(name)}$"
 
 
+def _any_of(*names: str) -> str:
+    """A permission pattern matching exactly these names."""
+    return "^(" + "|".join(re.escape(name) for name in names) + ")$"
+
+
 def definitions(topology: Topology, vhost: str, passwords: dict[str, str | None]) -> dict[str, Any]:
     """RabbitMQ definitions for ``topology`` on ``vhost``; ``passwords`` maps each user (every
     party, and the monitoring user) to its password, or None for certificate-only login."""
@@ -99,20 +104,19 @@ def definitions(topology: Topology, vhost: str, passwords: dict[str, str | None]
         )
         if user == monitor:
             # It follows events and peeks dead letters (`fedrelay status`), requeueing them.
-            watched = "|".join(re.escape(q) for q in (topology.events_queue, topology.dead_queue))
-            rights = {"configure": "^$", "write": "^$", "read": f"^({watched})$"}
+            read = _any_of(topology.events_queue, topology.dead_queue)
+            rights = {"configure": "^$", "write": "^$", "read": read}
             permissions.append({"user": user, "vhost": vhost, **rights})
             continue
         own = topology.queue_of(user)
-        read = own if user != AGGREGATOR else f"{own}|{topology.events_queue}"
-        read_pattern = "^(" + "|".join(re.escape(q) for q in read.split("|")) + ")$"
+        readable = (own, topology.events_queue) if user == AGGREGATOR else (own,)
         permissions.append(
             {
                 "user": user,
                 "vhost": vhost,
                 "configure": "^$",
                 "write": writable,
-                "read": read_pattern,
+                "read": _any_of(*readable),
             }
         )
         topic_permissions += [

@@ -11,9 +11,8 @@ global curve is :mod:`node.curves`' own, the one the workflow benchmark plots.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from node.curves import federated_curve
+from node.curves import federated_curve, pyplot
 from node.simulate import RESULTS_FILE, SimulationResult
 from relay.errors import ConfigError, EnvelopeError
 from relay.validation import parse_json
@@ -38,18 +37,9 @@ def load_results(path: Path) -> SimulationResult:
         raise ConfigError(f"{e}; is it a results.json of this fedrelay version?") from e
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never a display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _bars(path: Path, title: str, groups: dict[str, dict[str, float]], ylabel: str) -> None:
     """Grouped bars: one group per key of ``groups``, one bar per inner key."""
-    plt = _pyplot()
+    plt = pyplot()
     series = list(next(iter(groups.values())))
     figure, axis = plt.subplots(figsize=(max(6.0, 1.2 * len(groups) * len(series) / 2), 4.2))
     width = 0.8 / len(series)
@@ -69,7 +59,7 @@ def _bars(path: Path, title: str, groups: dict[str, dict[str, float]], ylabel: s
 
 def _site_curves(result: SimulationResult, path: Path) -> None:
     """Global mean Dice against training, and each site's score of what it received."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     title = f"{result.job.algorithm}: the federation's model, all sites"
     try:

@@ -303,12 +303,13 @@ class SiteNode(Endpoint):
         kept = self._gate_references.get(job.job_id, {}).pop(at, None)
         if kept is None and arrival_before(job, round=at[0], hop=at[1]) == (0, 0):
             kept = (self._reference(job), None)  # the ring's first model: the job's initial one
-        problem = None
         if kept is None:
             problem = "no reference arrived (lost in a restart?)"
         elif kept[1] is not None and envelope.basis_digest != kept[1]:
             problem = "the reference is not the model the sender says it trained from"
-        if problem is not None or kept is None:
+        else:
+            problem = None
+        if kept is None or problem is not None:
             log.warning(
                 "site %s: %s for cycle %d hop %d; the hop from %s is taken unchecked",
                 self.name,

@@ -316,10 +316,7 @@ class Security:
     ) -> str:
         peer = recipient if sender == self.identity.name else sender
         shared = self.identity.encryption.exchange(self._encryption[peer])
-        info = "|".join(("fedrelay plaintext mac v1", self.federation, sender, recipient))
-        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info.encode()).derive(
-            shared
-        )
+        key = _derive(shared, "fedrelay plaintext mac v1", self.federation, sender, recipient)
         mac = hmac.HMAC(key, hashes.SHA256())
         mac.update(plaintext)
         return mac.finalize().hex()
@@ -327,13 +324,15 @@ class Security:
     def _cipher(
         self, shared: bytes, sealed: Sealed, sender: str, recipient: str, job_id: str
     ) -> AESGCM:
-        info = "|".join(
-            (SEAL_SCHEME, self.federation, job_id, sender, recipient, sealed.ephemeral_key)
-        )
-        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info.encode()).derive(
-            shared
-        )
-        return AESGCM(key)
+        parts = (SEAL_SCHEME, self.federation, job_id, sender, recipient, sealed.ephemeral_key)
+        return AESGCM(_derive(shared, *parts))
+
+
+def _derive(shared: bytes, *info: str) -> bytes:
+    """A 256-bit key from an X25519 secret, bound to ``info`` (HKDF-SHA256)."""
+    return HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=None, info="|".join(info).encode()
+    ).derive(shared)
 
 
 def _sealed_size(plaintext: int) -> int:
