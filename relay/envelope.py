@@ -26,7 +26,7 @@ from relay.jobspec import (
 from relay.security import Sealed
 from relay.validation import parse
 
-SCHEMA_VERSION: Literal[3] = 3
+SCHEMA_VERSION: Literal[4] = 4
 """The only envelope schema this build reads and writes."""
 
 AGGREGATOR = "aggregator"
@@ -57,6 +57,8 @@ class Kind(StrEnum):
     ENSEMBLE_MEMBER = "ensemble_member"
     METRICS = "metrics"
     CONTROL = "control"
+    EVENT = "event"
+    LINEAGE = "lineage"
 
 
 class Task(StrEnum):
@@ -74,6 +76,12 @@ class Command(StrEnum):
     JOB_DONE = "job_done"
     JOB_FAILED = "job_failed"
     CANCEL = "cancel"
+    """To a site: forget the job. To the aggregator (from the operator): stop it, failed."""
+    RESUME = "resume"
+    """To the aggregator (from the operator): run a failed or cancelled job on from the round
+    it stopped in."""
+    PROBE = "probe"
+    """To a site: answer with a ``preflight`` event describing the site (no job needed)."""
 
 
 def new_message_id() -> str:
@@ -85,7 +93,7 @@ class EnvelopeBase(Frozen):
     """Fields every envelope has."""
 
     kind: Kind
-    schema_version: Literal[3] = SCHEMA_VERSION
+    schema_version: Literal[4] = SCHEMA_VERSION
     message_id: str = Field(default_factory=new_message_id, pattern=r"^[0-9a-f]{32}$")
     job_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     algorithm: Algorithm
@@ -206,6 +214,47 @@ class ControlEnvelope(EnvelopeBase):
     reason: str = Field(default="", max_length=4096)
 
 
+EVENT_PATTERN = r"^[a-z][a-z_]{0,31}$"
+
+Detail = str | int | float | bool | None
+
+
+class EventEnvelope(EnvelopeBase):
+    """Something that happened, for whoever watches (payload empty); routed as
+    ``events.<event>``: a round opened or closed, a hop, a rejection, an error, a preflight
+    answer. ``detail`` holds plain values only. An event about no job has job id ``-``."""
+
+    kind: Literal[Kind.EVENT] = Kind.EVENT
+    algorithm: Algorithm | None = None  # type: ignore[assignment]  # not every event has a job
+    event: str = Field(pattern=EVENT_PATTERN)
+    detail: dict[Annotated[str, Field(max_length=64)], Detail] = Field(
+        default_factory=dict, max_length=64
+    )
+
+    @model_validator(mode="after")
+    def _short_strings(self) -> EventEnvelope:
+        long = [k for k, v in self.detail.items() if isinstance(v, str) and len(v) > 4096]
+        if long:
+            raise ValueError(f"detail: {long} longer than 4096 characters")
+        return self
+
+
+class LineageEnvelope(EnvelopeBase):
+    """One step of a model's history, signed by the party that took it (payload empty).
+
+    ``inputs`` are the digests (:func:`relay.lineage.model_digest`) of the models the step
+    started from, ``output`` the digest of the model it produced. A site records each model it
+    trains and sends on; the aggregator records the initial model and each aggregation."""
+
+    kind: Literal[Kind.LINEAGE] = Kind.LINEAGE
+    step: Literal["initial", "train", "aggregate", "final"]
+    inputs: list[Digest] = Field(default_factory=list, max_length=MAX_SITES)
+    output: Digest
+    sample_count: int = Field(default=0, ge=0, le=MAX_SAMPLES, description="training cases")
+    validation_count: int = Field(default=0, ge=0, le=MAX_SAMPLES)
+    metrics: dict[str, float] = Field(default_factory=dict, max_length=64)
+
+
 Envelope = (
     JobSpecEnvelope
     | ModelEnvelope
@@ -213,6 +262,8 @@ Envelope = (
     | EnsembleMemberEnvelope
     | MetricsEnvelope
     | ControlEnvelope
+    | EventEnvelope
+    | LineageEnvelope
 )
 """Any envelope; validated by :func:`parse_envelope`."""
 
@@ -223,6 +274,8 @@ _BY_KIND: dict[str, type[Envelope]] = {
     Kind.ENSEMBLE_MEMBER: EnsembleMemberEnvelope,
     Kind.METRICS: MetricsEnvelope,
     Kind.CONTROL: ControlEnvelope,
+    Kind.EVENT: EventEnvelope,
+    Kind.LINEAGE: LineageEnvelope,
 }
 
 

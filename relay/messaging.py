@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from relay.chunking import Reassembler, chunk_checksum, split, transfer_key
 from relay.codec import Encoding, digest
-from relay.envelope import Envelope, EnvelopeBase, ModelEnvelope, Task, to_wire
+from relay.envelope import Envelope, EnvelopeBase, EventEnvelope, ModelEnvelope, Task, to_wire
 from relay.errors import ChunkError, EnvelopeError, InvalidInput
 from relay.frame import decode_frame, message_of
 from relay.security import Security
@@ -132,8 +132,9 @@ class Outbox:
             if security is not None:
                 envelope = sign(envelope, security)
             message = message_of(envelope, chunk)
+            topic = envelope.event if isinstance(envelope, EventEnvelope) else str(envelope.kind)
             self.transport.publish(
-                routing_key(envelope.recipient, str(envelope.kind)),
+                routing_key(envelope.recipient, topic),
                 message,
                 exchange=self.topology.exchange,
             )
