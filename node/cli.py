@@ -14,23 +14,33 @@ from typing import Any, TypeVar
 import click
 from pydantic import ValidationError
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from node.config import FederationConfig
 from node.config import load as load_config
 from node.models import initial_weights
-from node.operate import federation_status, submit_job, wait_for_job
+from node.operate import federation_status, send_command, submit_job, wait_for_job
 from node.options import JobOptions
 from node.process import aggregator, serve, site_node, stop_on_signals
 from node.provision import OPERATOR, provision
 from node.report import load_results, write_report
 from node.results import MODEL_FILE
 from node.simulate import RESULTS_FILE, SimulationConfig, SimulationResult, simulate
+from node.watch import Jobs, JobView, ReadStream, SiteView, follow
+from node.watch import snapshot as snapshot_events
 from relay.endpoint import Endpoint
 from relay.envelope import AGGREGATOR, Command, Envelope, MetricsEnvelope
 from relay.errors import ConfigError, FedrelayError
 from relay.jobspec import Aggregation, Algorithm
+from relay.transport import Message
 from relay.transport.amqp import AmqpTransport
 from relay.validation import describe
 
@@ -476,6 +486,163 @@ def job_submit(config_path: Path, wait: bool, job_id: str | None, **options: Any
         raise click.ClickException(str(e)) from e
 
 
+as_party_option = click.option(
+    "--as",
+    "party",
+    default=AGGREGATOR,
+    show_default=True,
+    help="Read the events log as this party of the file (it needs the log's read right: "
+    "provisioned kits give it to the aggregator).",
+)
+
+
+def _events_reader(config: FederationConfig, party: str) -> tuple[ReadStream, Jobs, AmqpTransport]:
+    """A reader of the federation's events log, logged in as ``party``, and an empty fold."""
+    transport = AmqpTransport(config.party_settings(party))
+    queue = config.topology().log_queue
+
+    def read(
+        on_message: Callable[[Message, int], bool], offset: str | int, idle_s: float | None
+    ) -> str | int:
+        return transport.read_stream(queue, on_message, offset=offset, idle_s=idle_s)
+
+    return read, Jobs(security=config.party_security(party)), transport
+
+
+def _site_line(view: JobView, site: str) -> str:
+    part = view.per_site.get(site) or SiteView()
+    where = "" if part.round is None else f"r{part.round} h{part.hop}"
+    dice = "" if part.dice_mean is None else f"dice {part.dice_mean:.3f}"
+    return " ".join(x for x in (part.stage, where, dice) if x)
+
+
+def _job_line(view: JobView) -> str:
+    if view.algorithm in (Algorithm.SWT, Algorithm.CWT):
+        where = f"cycle {view.round + 1}/{view.rounds}, hop {view.hop}"
+    else:
+        where = f"round {view.round + 1}/{view.rounds}"
+    dice = "" if view.dice_mean is None else f", final mean Dice {view.dice_mean:.3f}"
+    trouble = (
+        f", {view.rejected} rejected, {view.errors} errors" if view.rejected + view.errors else ""
+    )
+    return f"job {view.job_id} ({view.algorithm}): {view.status}, {where}{dice}{trouble}"
+
+
+def _job_command(config_path: Path, job_id: str, command: Command, reason: str, wait: bool) -> None:
+    config = _load(config_path)
+    try:
+        transport = AmqpTransport(config.party_settings(AGGREGATOR))
+        security = config.party_security(AGGREGATOR)
+        try:
+            send_command(
+                transport, config.topology(), job_id, command, reason=reason, security=security
+            )
+            click.echo(f"{command} sent for job {job_id}")
+            ended = (
+                wait_for_job(transport, config.topology(), job_id, security=security)
+                if wait
+                else None
+            )
+        finally:
+            transport.close()
+    except FedrelayError as e:
+        raise click.ClickException(str(e)) from e
+    if ended is not None:
+        click.echo(f"{ended.command}{': ' + ended.reason if ended.reason else ''}")
+        if ended.command is not Command.JOB_DONE:
+            sys.exit(1)
+
+
+reason_option = click.option("--reason", default="", help="Why, for the record and the sites.")
+
+
+@job.command("cancel")
+@config_option
+@click.argument("job_id")
+@reason_option
+def job_cancel(config_path: Path, job_id: str, reason: str) -> None:
+    """Stop a running job: it ends as cancelled, and its state is kept to resume it."""
+    _job_command(config_path, job_id, Command.CANCEL, reason, wait=False)
+
+
+@job.command("resume")
+@config_option
+@click.argument("job_id")
+@reason_option
+@click.option("--wait", is_flag=True, help="Follow the events until the job ends.")
+def job_resume(config_path: Path, job_id: str, reason: str, wait: bool) -> None:
+    """Run a failed or cancelled FedAvg or ensemble job on from the round it stopped in."""
+    _job_command(config_path, job_id, Command.RESUME, reason, wait)
+
+
+@main.command("watch")
+@config_option
+@click.option("--job", "job_id", default=None, help="[default: the newest job, or the next]")
+@as_party_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON line per event: the job's view.")
+@click.option(
+    "--idle-timeout",
+    type=float,
+    default=None,
+    help="Give up after this many seconds without an event  [default: never]",
+)
+def watch_command(
+    config_path: Path, job_id: str | None, party: str, as_json: bool, idle_timeout: float | None
+) -> None:
+    """Follow a job live: a progress bar per site, the round or hop, the latest Dice.
+
+    Exits when the job ends: 0 if it is done, 1 if it failed or was cancelled.
+    """
+    config = _load(config_path)
+    console = Console(stderr=True)
+    try:
+        read, jobs, transport = _events_reader(config, party)
+    except FedrelayError as e:
+        raise click.ClickException(str(e)) from e
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[last]}"),
+        console=console,
+        disable=as_json,
+    ) as progress:
+        tasks: dict[str, TaskID] = {}
+
+        def changed(what: str, view: JobView) -> None:
+            if as_json:
+                click.echo(json.dumps({"event": what} | view.as_dict()))
+                return
+            if "job" not in tasks:
+                tasks["job"] = progress.add_task("job", total=None, last="")
+            progress.update(tasks["job"], last=_job_line(view))
+            for site in view.sites:
+                if site not in tasks:
+                    tasks[site] = progress.add_task(site, total=view.steps, last="")
+                done = view.per_site[site].trained if site in view.per_site else 0
+                progress.update(tasks[site], completed=done, last=_site_line(view, site))
+
+        try:
+            view = follow(read, jobs, job_id, changed, idle_timeout_s=idle_timeout)
+        except FedrelayError as e:
+            raise click.ClickException(str(e)) from e
+        finally:
+            transport.close()
+    if view is None:
+        what = f"job {job_id} is not" if job_id else "no job is"
+        raise click.ClickException(
+            f"{what} in the events log; submit one with `fedrelay job submit`, or check --job"
+        )
+    if not as_json:
+        Console().print(_job_line(view))
+    if not view.finished:
+        raise click.ClickException(
+            f"no event for {idle_timeout:g} s; the job is still {view.status}"
+        )
+    if view.status != "done":
+        raise click.ClickException(f"job {view.job_id} {view.status}: {view.reason}")
+
+
 @main.command("status")
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -486,13 +653,28 @@ def job_submit(config_path: Path, wait: bool, job_id: str | None, **options: Any
     help="Management API user (needs the monitoring tag).",
 )
 @click.option("--password", default="guest", envvar="FEDRELAY_MONITOR_PASSWORD", show_default=True)
-def status_command(config_path: Path, as_json: bool, user: str, password: str) -> None:
-    """One screen: queues, consumers online, dead letters, the latest round/hop seen."""
+@as_party_option
+@click.option("--jobs", "job_count", default=3, show_default=True, help="Newest jobs to show.")
+def status_command(
+    *, config_path: Path, as_json: bool, user: str, password: str, party: str, job_count: int
+) -> None:
+    """One screen: queues, sites online, dead letters, and the newest jobs' state."""
     config = _load(config_path)
     try:
         snapshot = federation_status(config, user=user, password=password)
     except FedrelayError as e:
         raise click.ClickException(str(e)) from e
+    try:
+        read, jobs, transport = _events_reader(config, party)
+        try:
+            snapshot_events(read, jobs)
+        finally:
+            transport.close()
+        views = list(jobs.views.values())[-job_count:][::-1]
+        snapshot["jobs"] = [view.as_dict() for view in views]
+    except FedrelayError as e:
+        snapshot["jobs"] = None
+        snapshot["jobs_error"] = f"the events log could not be read as {party!r}: {e}"
     if as_json:
         click.echo(json.dumps(snapshot, indent=2))
         return
@@ -510,8 +692,294 @@ def status_command(config_path: Path, as_json: bool, user: str, password: str) -
     console.print(f"dead letters: {snapshot['dead_letters']}")
     for reason in snapshot["dead_letter_reasons"][:5]:
         console.print(f"  - {reason}")
-    if snapshot["last_event"]:
-        console.print(f"latest event: {snapshot['last_event']}")
+    if snapshot["jobs"] is None:
+        console.print(f"[yellow]{snapshot['jobs_error']}")
+    for view in views if snapshot["jobs"] else []:
+        console.print(_job_line(view))
+        for site in view.sites:
+            console.print(
+                f"  {site}: {view.per_site[site].trained}/{view.steps} trained, "
+                f"{_site_line(view, site) or 'nothing yet'}"
+            )
+        for note in view.notes[-3:]:
+            console.print(f"  - {note}")
+
+
+@main.command("preflight")
+@config_option
+@click.option(
+    "--site",
+    default=None,
+    envvar="FEDRELAY_SITE",
+    help="Check this site here, before its node starts, with its own credentials and data  "
+    "[default: probe every site's running node, as the aggregator]",
+)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=0.1),
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for the sites' answers (federation-wide).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "--user",
+    default="guest",
+    show_default=True,
+    help="Management API user, to see which sites' queues have a consumer (federation-wide).",
+)
+@click.option("--password", default="guest", envvar="FEDRELAY_MONITOR_PASSWORD", show_default=True)
+def preflight_command(
+    *,
+    config_path: Path,
+    site: str | None,
+    timeout_s: float,
+    as_json: bool,
+    user: str,
+    password: str,
+) -> None:
+    """Before a long job: is each site reachable, with the right credentials and rights, its
+    data found and compatible, a device, and disk for its spool? Exits 1 if a check fails."""
+    from node.preflight import check_federation, check_site, table
+
+    config = _load(config_path)
+    if site is not None:
+        report = check_site(config, site, source=config_path)
+    else:
+        report = check_federation(
+            config, source=config_path, timeout_s=timeout_s, user=user, password=password
+        )
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        console = Console()
+        console.print(table(report))
+        failed = [f"{c.site} {c.check}" for c in report.checks if c.status == "fail"]
+        verdict = f"[bold red]failed: {', '.join(failed)}" if failed else "[green]ready"
+        console.print(f"preflight: {verdict}")
+    if not report.ok:
+        sys.exit(1)
+
+
+# -- dead letters: list, show, replay ---------------------------------------------------------
+
+
+@main.group()
+def dead() -> None:
+    """Dead-lettered messages: list them, show one, replay one once its cause is fixed.
+
+    Headers only: a payload (weights) is never printed; `show --payload FILE` writes it to a
+    file. Reading the dead-letter queue takes every message and gives all back in order."""
+
+
+def _management_login(command: F) -> F:
+    """``--user``/``--password`` for the management API, as ``status`` takes them."""
+    command = click.option(
+        "--password", default="guest", envvar="FEDRELAY_MONITOR_PASSWORD", show_default=True
+    )(command)
+    return click.option(
+        "--user",
+        default="guest",
+        show_default=True,
+        help="Management API user: the federation's monitoring or operator user.",
+    )(command)
+
+
+def _size(size: int) -> str:
+    if size < 1024:
+        return f"{size} B"
+    return f"{size / 1024:.1f} KiB" if size < 1024**2 else f"{size / 1024**2:.1f} MiB"
+
+
+@dead.command("list")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_management_login
+def dead_list(config_path: Path, as_json: bool, user: str, password: str) -> None:
+    """One row per dead letter, head of the queue first: position, message id, kind, job,
+    sender → recipient, round/hop, chunk, size, reason, who refused it, when."""
+    from rich.text import Text
+
+    from node.dead import list_dead
+
+    config = _load(config_path)
+    try:
+        letters = list_dead(config, user=user, password=password)
+    except FedrelayError as e:
+        raise click.ClickException(str(e)) from e
+    queue = config.topology().dead_queue
+    if as_json:
+        rows = [letter.summary() for letter in letters]
+        listing = {"federation": config.federation, "queue": queue, "dead_letters": rows}
+        click.echo(json.dumps(listing, indent=2, default=str))
+        return
+    console = Console()
+    if not letters:
+        console.print(Text(f"no dead letters in {queue}"))
+        return
+    table = Table(title=Text(f"dead letters of {config.federation} ({queue}), head first"))
+    columns = ("#", "message id", "kind", "job", "from → to", "round/hop", "chunk", "size")
+    for column in (*columns, "reason", "refused by", "time (UTC)"):
+        table.add_column(column, justify="right" if column in ("#", "size") else "left")
+    for letter in letters:
+        row = {key: "" if value is None else value for key, value in letter.summary().items()}
+        when = letter.time
+        reason = row["reason"] if len(row["reason"]) <= 100 else row["reason"][:99] + "…"
+        cells = [
+            str(row["position"]),
+            row["message_id"][:12],  # a unique prefix selects it
+            str(row["kind"]),
+            str(row["job"])[:12],
+            f"{row['sender']} → {row['recipient']}" if letter.envelope is not None else "?",
+            f"{row['round']}/{row['hop']}" if letter.envelope is not None else "",
+            str(row["chunk"]),
+            _size(letter.size),
+            reason,
+            row["refused_by"],
+            when.strftime("%Y-%m-%d %H:%M:%S") if when is not None else "",
+        ]
+        table.add_row(*(Text(cell) for cell in cells))
+    console.print(table)
+    console.print(
+        "`fedrelay dead show <#|id>` shows one; `fedrelay dead replay <#|id>` puts it back",
+        markup=False,
+    )
+
+
+def _print_section(title: str, values: dict[str, Any], *, skip_none: bool = False) -> None:
+    click.echo(f"{title}:")
+    for key, value in values.items():
+        if value is None and skip_none:
+            continue
+        shown = value if isinstance(value, str) else json.dumps(value, default=str)
+        click.echo(f"  {key}: {shown}")
+
+
+@dead.command("show")
+@click.argument("selector")
+@config_option
+@click.option(
+    "--payload",
+    "payload_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Also write its payload (all chunks, in order) to this new file, mode 0600 (it may "
+    "be weights; ciphertext if the federation encrypts). Never to the terminal.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_management_login
+def dead_show(
+    *,
+    selector: str,
+    config_path: Path,
+    payload_path: Path | None,
+    as_json: bool,
+    user: str,
+    password: str,
+) -> None:
+    """One dead letter: its envelope header, AMQP properties and headers, and why it was
+    refused; no payload. SELECTOR: its position in `dead list` (3 or #3), or its message id
+    or the first 6 or more characters of it (with .<chunk> for one chunk)."""
+    from node.dead import SavedPayload, Selector, connect, list_dead, save_payload, select
+
+    config = _load(config_path)
+    if payload_path is not None and str(payload_path) == "-":
+        raise click.UsageError("--payload: a payload is never written to the terminal; name a file")
+    saved: SavedPayload | None = None
+    try:
+        chosen = Selector.parse(selector)
+        selection = select(list_dead(config, user=user, password=password), chosen)
+        if payload_path is not None:
+            transport = connect(config, user=user, password=password)
+            try:
+                saved = save_payload(transport, config.topology(), chosen, payload_path)
+            finally:
+                transport.close()
+    except FedrelayError as e:
+        raise click.ClickException(str(e)) from e
+    detail = selection.named.detail()
+    detail["message_in_queue"] = [letter.position for letter in selection.chunks]
+    detail["missing_chunks"] = selection.missing
+    if saved is not None:
+        detail["payload_file"] = str(saved.path)
+        detail["payload_digest_matches"] = saved.digest_matches
+    if as_json:
+        click.echo(json.dumps(detail, indent=2, default=str))
+        return
+    envelope = detail.pop("envelope")
+    properties = detail.pop("properties")
+    headers = detail.pop("headers")
+    _print_section(f"dead letter #{detail.pop('position')}", detail, skip_none=True)
+    if envelope is not None:
+        _print_section("envelope header", envelope)
+    _print_section("AMQP properties", properties)
+    _print_section("AMQP headers", headers)
+    if saved is not None:
+        check = "matches" if saved.digest_matches else "DIFFERS FROM"
+        click.echo(
+            f"payload: {saved.size} bytes written to {saved.path}; its sha256 {check} the "
+            "envelope's payload_digest"
+        )
+    else:
+        click.echo("payload: not shown (--payload FILE writes it to a file)")
+
+
+@dead.command("replay")
+@click.argument("selector")
+@config_option
+@click.option("--dry-run", is_flag=True, help="Say what would be replayed; change nothing.")
+@click.option(
+    "--user",
+    default=None,
+    help="Broker user with the impersonator tag  [default: <federation>-operator]",
+)
+@click.option(
+    "--password",
+    default=None,
+    envvar="FEDRELAY_OPERATOR_PASSWORD",
+    help="Its password (the provisioned operator's is in operator/credentials.toml).",
+)
+def dead_replay(
+    selector: str, config_path: Path, dry_run: bool, user: str | None, password: str | None
+) -> None:
+    """Put one dead-lettered message back where it was refused, once the cause is fixed:
+    republished byte for byte as its original sender (every chunk, in order), and removed
+    from the dead-letter queue once the broker confirmed it. SELECTOR as for `dead show`."""
+    from node.dead import Selector, connect, replay
+    from node.provision import operator_user
+
+    config = _load(config_path)
+    user = user or operator_user(config.federation)
+    if password is None:
+        raise click.UsageError(
+            f"replay logs in to the broker as {user!r}: give --password or "
+            "FEDRELAY_OPERATOR_PASSWORD (the provisioned operator's is in "
+            "operator/credentials.toml)"
+        )
+    try:
+        chosen = Selector.parse(selector)
+        transport = connect(config, user=user, password=password)
+        try:
+            done = replay(transport, config.topology(), chosen, dry_run=dry_run)
+        finally:
+            transport.close()
+    except FedrelayError as e:
+        raise click.ClickException(str(e)) from e
+    selection = done.selection
+    positions = ", ".join(f"#{letter.position}" for letter in selection.chunks)
+    verb = "would replay" if dry_run else "replayed"
+    click.echo(
+        f"{verb} {selection.description}, dead letter {positions}, to routing key "
+        f"{done.routing_key!r} as user_id {done.user_id!r}"
+    )
+    if selection.copies:
+        copies = ", ".join(f"#{letter.position}" for letter in selection.copies)
+        click.echo(f"copies of the same message stay in the dead-letter queue: {copies}")
+    if dry_run:
+        click.echo("nothing changed (--dry-run)")
+    else:
+        click.echo(f"{done.remaining} dead letter(s) remain")
 
 
 if __name__ == "__main__":

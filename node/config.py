@@ -196,6 +196,11 @@ class FederationConfig(Section):
             tls=None if tls is None else TlsSettings.model_validate(tls.model_dump()),
         )
 
+    def party_settings(self, name: str) -> BrokerSettings:
+        """Connection settings of party ``name`` (a site or the aggregator), from its section."""
+        section = self.aggregator_section() if name == AGGREGATOR else self.site(name)
+        return self.broker_settings(name, section.password)
+
     def party_security(self, name: str) -> Security | None:
         """Party ``name``'s keys and the roster; None (logged loudly) where the file has no
         [security]. ConfigError if they are missing, unsafe or do not fit this federation."""

@@ -12,10 +12,17 @@ from typing import Any
 
 from node.config import FederationConfig
 from relay.codec import Encoding, StateDict
-from relay.envelope import AGGREGATOR, ControlEnvelope, JobSpecEnvelope, ModelEnvelope, to_wire
+from relay.envelope import (
+    AGGREGATOR,
+    Command,
+    ControlEnvelope,
+    JobSpecEnvelope,
+    ModelEnvelope,
+    to_wire,
+)
 from relay.errors import FedrelayError, InvalidInput, JobFailed, TransportError
 from relay.frame import decode_frame
-from relay.jobspec import JobSpec
+from relay.jobspec import MAX_CHUNK_SIZE, Algorithm, JobSpec
 from relay.messaging import Outbox
 from relay.security import Security
 from relay.topology import Topology, dead_letter_reason
@@ -42,6 +49,29 @@ def submit_job(
         JobSpecEnvelope, spec.model_dump_json().encode(), chunk_size=spec.chunk_size, **common
     )
     outbox.send(ModelEnvelope, Encoding(initial), chunk_size=spec.chunk_size, **common)
+
+
+def send_command(
+    transport: Transport,
+    topology: Topology,
+    job_id: str,
+    command: Command,
+    *,
+    reason: str = "",
+    security: Security | None = None,
+) -> None:
+    """Ask the aggregator to cancel or resume job ``job_id`` (as the aggregator's user, signed
+    with its key where the federation is provisioned). The aggregator refuses, into the dead
+    letters with the reason, a job it does not know or one in the wrong state for it."""
+    Outbox(transport, topology, sender=AGGREGATOR, security=security).send(
+        ControlEnvelope,
+        chunk_size=MAX_CHUNK_SIZE,
+        job_id=job_id,
+        algorithm=Algorithm.FEDAVG,  # the aggregator goes by the job's own
+        recipient=AGGREGATOR,
+        command=command,
+        reason=reason,
+    )
 
 
 def wait_for_job(

@@ -14,16 +14,18 @@ from types import FrameType
 
 from node.algo import AlgoFactory, custom_factory
 from node.config import FederationConfig, FolderData, Site
-from node.data import cases_from, read_cases
+from node.data import Case, cases_from, read_cases
 from node.phantom import federation_site
 from node.results import write_job
 from node.site import SiteNode
+from node.sitefacts import describer
 from node.systemd import notify
 from node.trainer import trainer_factory
 from relay.endpoint import Endpoint
 from relay.envelope import AGGREGATOR
 from relay.transport.amqp import AmqpTransport
-from relay.workflows.coordinator import Coordinator, JobState
+from relay.workflows.coordinator import Coordinator
+from relay.workflows.state import JobState
 
 log = logging.getLogger(__name__)
 
@@ -31,16 +33,13 @@ POLL_S = 1.0
 """How long one wait for a message lasts; deadlines and stop requests are checked between."""
 
 
-def site_trainers(section: Site, name: str) -> AlgoFactory:
-    """The site's trainers: its own factory, or fedrelay's on the cases it names."""
-    if section.trainer is not None:
-        key = f"sites.{name}.trainer.factory"
-        return custom_factory(section.trainer.factory, section.trainer.options, key=key)
+def site_cases(section: Site, name: str) -> list[Case]:
+    """The cases of a site with [data]: its folder's, read and checked, or its phantom's."""
     data = section.data
     if isinstance(data, FolderData):
         cases = read_cases(data.kind, data.path, limit=data.limit)
         log.info("site %s: %d %s cases read from %s", name, len(cases), data.kind, data.path)
-        return trainer_factory(cases, seed=data.seed)
+        return cases
     assert data is not None  # the configuration holds data or a trainer
     _, images, labels = federation_site(
         seed=data.seed,
@@ -51,16 +50,28 @@ def site_trainers(section: Site, name: str) -> AlgoFactory:
         heterogeneity=data.heterogeneity,
         size=data.volume_size,
     )
-    return trainer_factory(cases_from(images, labels, prefix=name), seed=data.seed)
+    return cases_from(images, labels, prefix=name)
+
+
+def site_trainers(section: Site, name: str, cases: list[Case] | None = None) -> AlgoFactory:
+    """The site's trainers: its own factory, or fedrelay's on its cases (read unless given)."""
+    if section.trainer is not None:
+        key = f"sites.{name}.trainer.factory"
+        return custom_factory(section.trainer.factory, section.trainer.options, key=key)
+    assert section.data is not None  # the configuration holds data or a trainer
+    cases = site_cases(section, name) if cases is None else cases
+    return trainer_factory(cases, seed=section.data.seed)
 
 
 def site_node(config: FederationConfig, name: str) -> SiteNode:
     """Site ``name``'s node, connected, with its data loaded."""
     section = config.site(name)
     transport = AmqpTransport(config.broker_settings(name, section.password))
+    cases = None if section.data is None else site_cases(section, name)
     return SiteNode(
         name=name,
-        algo_factory=site_trainers(section, name),
+        algo_factory=site_trainers(section, name, cases),
+        describe=describer(config, name, cases),
         transport=transport,
         topology=config.topology(),
         spool=section.spool,

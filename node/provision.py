@@ -8,20 +8,26 @@ From a federation file (its name, broker and sites; site sections may be empty),
   federation file: broker credentials, spool, ``[security]``), its private keys in
   ``keys/`` and, with TLS, its client certificate in ``tls/``. Private files are 0600;
 - ``operator/``: RabbitMQ's ``definitions.json`` (the vhost, one user per party with the
-  least rights it needs, a read-only monitoring user, the topology, policies),
-  ``rabbitmq.conf`` lines that import it (and turn on TLS), ``enabled_plugins``,
-  ``credentials.toml`` with the monitoring user's password and, with TLS, the federation CA
-  and the broker's certificate.
+  least rights it needs, a read-only monitoring user, an operator user who replays dead
+  letters, the topology, policies), ``rabbitmq.conf`` lines that import it (and turn on TLS),
+  ``enabled_plugins``, ``credentials.toml`` with the monitoring and operator users' passwords
+  and, with TLS, the federation CA and the broker's certificate.
 
 Broker rights per party (RabbitMQ checks each on every operation):
 
 - configure ``^$``: no party declares or deletes anything; the topology is in the definitions;
 - write: the federation exchange and its dead-letter exchange (a node dead-letters what it
   refuses by republishing it there);
-- read: its own queue only (the aggregator also the events queue, to follow a job);
+- read: its own queue only (the aggregator also the events queue and the events log, to
+  follow jobs);
 - topic permissions on the federation exchange: routing keys ``site.*``, ``aggregator`` and
   ``events.*`` (a site never addresses anything else); on the dead-letter exchange, only its
   own queue's name.
+
+The operator user (``fedrelay dead replay``) reads only the dead-letter queue and writes only
+the federation exchange, with routing keys ``site.*`` and ``aggregator``; its ``impersonator``
+tag lets it republish a dead letter under its original sender's ``user_id``, which receivers
+insist on (the envelope's signature, unchanged, still proves the sender).
 """
 
 from __future__ import annotations
@@ -69,6 +75,11 @@ def monitor_user(federation: str) -> str:
     return f"{federation}-monitor"
 
 
+def operator_user(federation: str) -> str:
+    """The user that replays a federation's dead letters (``fedrelay dead replay``)."""
+    return f"{federation}-operator"
+
+
 def password_hash(password: str) -> str:
     """RabbitMQ's ``rabbit_password_hashing_sha256``: base64(salt ‖ sha256(salt ‖ password))."""
     salt = secrets.token_bytes(4)
@@ -86,11 +97,18 @@ def _any_of(*names: str) -> str:
 
 def definitions(topology: Topology, vhost: str, passwords: dict[str, str | None]) -> dict[str, Any]:
     """RabbitMQ definitions for ``topology`` on ``vhost``; ``passwords`` maps each user (every
-    party, and the monitoring user) to its password, or None for certificate-only login."""
+    party, the monitoring and the operator user) to its password, or None for certificate-only
+    login."""
     exchange, dlx = topology.exchange, topology.dead_letter_exchange
     writable = f"^{re.escape(exchange)}(\\.dlx)?$"
     routes = r"^(site\.[a-z0-9][a-z0-9_-]*|aggregator|events\.[a-z_]+)$"
+    inboxes = r"^(site\.[a-z0-9][a-z0-9_-]*|aggregator)$"
+    dead = topology.dead_queue
     monitor = monitor_user(topology.federation)
+    operator = operator_user(topology.federation)
+    # RabbitMQ lets only an `impersonator` publish under another user's user_id (the
+    # administrator tag does not); `management` opens the HTTP API for `dead list`/`show`.
+    tags = {monitor: ["monitoring"], operator: ["management", "impersonator"]}
     users, permissions, topic_permissions = [], [], []
     for user, password in passwords.items():
         users.append(
@@ -98,18 +116,28 @@ def definitions(topology: Topology, vhost: str, passwords: dict[str, str | None]
                 "name": user,
                 "password_hash": "" if password is None else password_hash(password),
                 "hashing_algorithm": "rabbit_password_hashing_sha256",
-                "tags": ["monitoring"] if user == monitor else [],
+                "tags": tags.get(user, []),
                 "limits": {},
             }
         )
         if user == monitor:
             # It follows events and peeks dead letters (`fedrelay status`), requeueing them.
-            read = _any_of(topology.events_queue, topology.dead_queue)
+            read = _any_of(topology.events_queue, topology.log_queue, topology.dead_queue)
             rights = {"configure": "^$", "write": "^$", "read": read}
             permissions.append({"user": user, "vhost": vhost, **rights})
             continue
+        if user == operator:
+            # It takes dead letters and republishes them to a site or the aggregator.
+            rights = {"configure": "^$", "write": _exact(exchange), "read": _exact(dead)}
+            permissions.append({"user": user, "vhost": vhost, **rights})
+            topic_permissions.append(
+                {"user": user, "vhost": vhost, "exchange": exchange, "write": inboxes, "read": "^$"}
+            )
+            continue
         own = topology.queue_of(user)
-        readable = (own, topology.events_queue) if user == AGGREGATOR else (own,)
+        readable = (
+            (own, topology.events_queue, topology.log_queue) if user == AGGREGATOR else (own,)
+        )
         permissions.append(
             {
                 "user": user,
@@ -380,6 +408,8 @@ def provision(
         kits.append(kit)
     monitor_password = secrets.token_urlsafe(24)
     passwords[monitor_user(config.federation)] = monitor_password
+    operator_password = secrets.token_urlsafe(24)
+    passwords[operator_user(config.federation)] = operator_password
     operator = output / OPERATOR
     operator.mkdir(mode=0o700)
     tls_folder = None
@@ -405,7 +435,8 @@ def provision(
     plugins = ["rabbitmq_management"] + (["rabbitmq_auth_mechanism_ssl"] if tls else [])
     (operator / "enabled_plugins").write_text(f"[{','.join(plugins)}].\n")
     credentials = {
-        "monitor": {"user": monitor_user(config.federation), "password": monitor_password}
+        "monitor": {"user": monitor_user(config.federation), "password": monitor_password},
+        "operator": {"user": operator_user(config.federation), "password": operator_password},
     }
     write_private(operator / "credentials.toml", tomli_w.dumps(credentials).encode())
     os.chmod(output, 0o755)

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from relay.aggregation import bundle
 from relay.codec import StateDict
 from relay.storage import file_digest, replace_file
-from relay.workflows.coordinator import JobState, Status
+from relay.workflows.state import JobState, Status
 
 MODEL_FILE = "model.safetensors"
 JOB_FILE = "job.json"

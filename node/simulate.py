@@ -40,7 +40,8 @@ from relay.security import Security, generate
 from relay.topology import Topology
 from relay.transport import Transport
 from relay.transport.memory import MemoryBroker, MemoryTransport
-from relay.workflows.coordinator import Coordinator, GateRefusal, JobState, Status
+from relay.workflows.coordinator import Coordinator
+from relay.workflows.state import GateRefusal, JobState, Status
 
 RESULTS_FILE = "results.json"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,9 +24,11 @@ from relay.envelope import (
     EVENTS,
     Command,
     ControlEnvelope,
+    Detail,
     EnsembleMemberEnvelope,
     Envelope,
     EnvelopeBase,
+    EventEnvelope,
     JobSpecEnvelope,
     MetricsEnvelope,
     ModelEnvelope,
@@ -33,7 +36,7 @@ from relay.envelope import (
     UpdateEnvelope,
 )
 from relay.errors import ConfigError, EnvelopeError
-from relay.jobspec import Algorithm, JobSpec
+from relay.jobspec import DEFAULT_CHUNK_SIZE, Algorithm, JobSpec
 from relay.messaging import Received, check_chunking
 from relay.privacy import epsilon, privatize, release_key, releases, site_secret
 from relay.security import Security
@@ -52,6 +55,11 @@ from relay.workflows.ring import (
 log = logging.getLogger(__name__)
 
 
+def round_to_ms(seconds: float) -> float:
+    """Seconds to the millisecond, for events."""
+    return float(f"{seconds:.3f}")
+
+
 class SiteNode(Endpoint):
     """One hospital's node: a transport connection, its training algorithm, and its jobs."""
 
@@ -64,11 +72,14 @@ class SiteNode(Endpoint):
         topology: Topology,
         spool: Path,
         security: Security | None = None,
+        describe: Callable[[], dict[str, Detail]] | None = None,
     ) -> None:
         super().__init__(
             name=name, transport=transport, topology=topology, spool=spool, security=security
         )
         self.algo_factory = algo_factory
+        self.describe = describe
+        """What this site answers a preflight probe with (its data, device, disk)."""
         self.jobs: dict[str, JobSpec] = {}
         self.algos: dict[str, SiteAlgo] = {}
         self._references: dict[str, StateDict] = {}
@@ -105,6 +116,14 @@ class SiteNode(Endpoint):
 
     def screen(self, envelope: Envelope) -> None:
         """Refuse, before anything is stored, what no site should accept from this sender."""
+        if isinstance(envelope, ControlEnvelope) and envelope.command is Command.PROBE:
+            # A probe belongs to no job: `fedrelay preflight` asks before any job is sent.
+            if envelope.sender != AGGREGATOR or envelope.is_chunked:
+                raise EnvelopeError(
+                    f"envelope.command: a probe comes from the aggregator, unchunked; got one "
+                    f"from {envelope.sender!r} in {envelope.chunk_count} chunk(s)"
+                )
+            return
         if isinstance(envelope, JobSpecEnvelope):
             if envelope.sender != AGGREGATOR:
                 raise EnvelopeError(
@@ -184,6 +203,8 @@ class SiteNode(Endpoint):
                     f"job {spec.job_id}: site {self.name!r} cannot run it: {e}"
                 ) from e
             return lambda: self._add_job(spec, algo)
+        if isinstance(envelope, ControlEnvelope) and envelope.command is Command.PROBE:
+            return lambda: self._answer_probe(envelope)
         job = self.jobs.get(envelope.job_id)
         if job is None:  # only on resume: the job ended before the crash
             raise EnvelopeError(f"envelope.job_id: job {envelope.job_id} is over at this site")
@@ -208,6 +229,23 @@ class SiteNode(Endpoint):
         gated = job.algorithm.is_ring and job.ring_gate is not None
         basis = digest(received.payload) if gated else None
         return lambda: self._train(job, envelope, members[0], basis)
+
+    def _answer_probe(self, probe: ControlEnvelope) -> None:
+        """Publish a ``preflight`` event describing this site, under the probe's id."""
+        detail: dict[str, Detail] = {"site": self.name}
+        if self.describe is not None:
+            try:
+                detail = self.describe()
+            except Exception as e:  # a probe must never stop the node: say what failed
+                detail["error"] = f"{type(e).__name__}: {e}"[:4000]
+        self.outbox.send(
+            EventEnvelope,
+            chunk_size=DEFAULT_CHUNK_SIZE,  # no payload: one message
+            job_id=probe.job_id,
+            recipient=EVENTS,
+            event="preflight",
+            detail=detail,
+        )
 
     def _check_spec(self, spec: JobSpec, envelope: JobSpecEnvelope) -> None:
         if spec.job_id != envelope.job_id or spec.algorithm is not envelope.algorithm:
@@ -345,6 +383,7 @@ class SiteNode(Endpoint):
         self, job: JobSpec, envelope: ModelEnvelope, weights: StateDict, basis: str | None
     ) -> None:
         round, hop = envelope.round, envelope.hop
+        started = time.monotonic()
         algo = self.algos[job.job_id]
         score = algo.evaluate([weights]).as_dict()
         self._metrics(job, "received", score, round=round, hop=hop)
@@ -404,4 +443,13 @@ class SiteNode(Endpoint):
             )
         log.info(
             "site %s: %s round %d hop %d trained and sent", self.name, job.algorithm, round, hop
+        )
+        self.emit(
+            "sent",
+            job_id=job.job_id,
+            algorithm=job.algorithm,
+            to=str(where.get("recipient", AGGREGATOR)),
+            round=round,
+            hop=hop,
+            seconds=round_to_ms(time.monotonic() - started),
         )

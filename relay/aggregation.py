@@ -18,6 +18,7 @@ Really Backdoor Federated Learning?" (2019), which bounds what any one site can 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -84,6 +85,27 @@ class WeightedMean:
                 self._sums[name] = tensor.detach().clone()
         self._best_weight = max(self._best_weight, weight)
         self._weight += weight
+
+    def saved(self) -> tuple[StateDict, dict[str, Any]]:
+        """Its state, to be written to disk: the sums, and the weights and dtypes."""
+        meta = {
+            "weight": self._weight,
+            "best_weight": self._best_weight,
+            "dtypes": {
+                name: str(dtype).removeprefix("torch.") for name, dtype in self._dtypes.items()
+            },
+        }
+        return dict(self._sums), meta
+
+    @classmethod
+    def restored(cls, sums: StateDict, meta: Mapping[str, Any]) -> WeightedMean:
+        """A running mean as :meth:`saved` left it."""
+        mean = cls()
+        mean._sums = dict(sums)
+        mean._weight = int(meta["weight"])
+        mean._best_weight = int(meta["best_weight"])
+        mean._dtypes = {name: getattr(torch, dtype) for name, dtype in meta["dtypes"].items()}
+        return mean
 
     def result(self) -> StateDict:
         """The weighted mean of everything added."""

@@ -10,12 +10,16 @@ duplicate message.
 from __future__ import annotations
 
 import logging
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 
-from relay.envelope import Envelope
-from relay.errors import InvalidInput
+from pydantic import ValidationError
+
+from relay.envelope import EVENTS, Detail, Envelope, EventEnvelope
+from relay.errors import FedrelayError, InvalidInput
+from relay.jobspec import MAX_CHUNK_SIZE, Algorithm
 from relay.journal import MAX_ATTEMPTS, Entry, Journal
 from relay.messaging import Inbox, Outbox, Received, dedup_key
 from relay.security import Security
@@ -24,6 +28,11 @@ from relay.transport import Delivery, Transport
 
 log = logging.getLogger(__name__)
 
+
+NO_JOB = "-"
+"""The job id of an event about no job."""
+
+JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 Action = Callable[[], None]
 """Work a message asks for (training, aggregation), run after the message is acked."""
@@ -100,6 +109,7 @@ class Endpoint(ABC):
             )
             log.error("%s: %s", self.name, reason)
             self.rejected.append(reason)
+            self.emit("error", job_id=envelope.job_id, reason=reason)
             self.journal.complete(entry)
             return
         counted = self.journal.attempt(entry, envelope)
@@ -129,18 +139,47 @@ class Endpoint(ABC):
             # refusal is logged and kept with the others; the endpoint goes on.
             log.error("%s could not act on message %s: %s", self.name, message_id, e)
             self.rejected.append(str(e))
+            self.emit("error", reason=str(e)[:4000], message_id=message_id)
         # Any other error leaves the message in the journal, to be resumed after a restart.
+        self.acted()
         self.journal.complete(entry)
 
     def refuse(self, delivery: Delivery, reason: str) -> None:
         """Dead-letter a delivery with its reason and keep going."""
-        log.warning(
-            "%s dead-letters message %s: %s", self.name, delivery.message.message_id, reason
-        )
+        message = delivery.message
+        log.warning("%s dead-letters message %s: %s", self.name, message.message_id, reason)
         self.rejected.append(reason)
         self.transport.reject(
             delivery, reason, dead_letter_exchange=self.topology.dead_letter_exchange
         )
+        job = message.correlation_id if JOB_ID.fullmatch(message.correlation_id) else NO_JOB
+        self.emit(
+            "rejected",
+            job_id=job,
+            reason=reason[:4000],
+            message_id=message.message_id[:64],
+            kind=message.type[:64],
+            published_by=(message.user_id or "")[:64],
+            queue=delivery.queue,
+        )
+
+    def emit(
+        self, event: str, *, job_id: str = "", algorithm: Algorithm | None = None, **detail: Detail
+    ) -> None:
+        """Publish an event for whoever watches (``events.<event>``). Events are for people:
+        failing to publish one is logged and never stops the work."""
+        try:
+            self.outbox.send(
+                EventEnvelope,
+                chunk_size=MAX_CHUNK_SIZE,  # an event has no payload: one message
+                job_id=job_id or NO_JOB,
+                algorithm=algorithm,
+                recipient=EVENTS,
+                event=event,
+                detail=detail,
+            )
+        except (FedrelayError, ValidationError) as e:
+            log.warning("%s could not publish event %s: %s", self.name, event, e)
 
     def screen(self, envelope: Envelope) -> None:  # noqa: B027 - optional hook
         """Cheap checks on every envelope, each chunk's too, before anything is stored.
@@ -156,6 +195,10 @@ class Endpoint(ABC):
         Raise InvalidInput for a message that must be dead-lettered; return None when there
         is nothing to do.
         """
+
+    def acted(self) -> None:  # noqa: B027 - optional hook
+        """Called after a message's work is done, before the journal forgets the message:
+        an endpoint with state of its own makes it durable here."""
 
     def tick(self, now: float) -> float | None:
         """Act on deadlines; return the next deadline (seconds since the epoch) or None."""

@@ -23,7 +23,15 @@ from typing import Any, TypeVar
 
 from relay.chunking import Reassembler, chunk_checksum, split, transfer_key
 from relay.codec import Encoding, digest
-from relay.envelope import Envelope, EnvelopeBase, EventEnvelope, ModelEnvelope, Task, to_wire
+from relay.envelope import (
+    ControlEnvelope,
+    Envelope,
+    EnvelopeBase,
+    EventEnvelope,
+    ModelEnvelope,
+    Task,
+    to_wire,
+)
 from relay.errors import ChunkError, EnvelopeError, InvalidInput
 from relay.frame import decode_frame, message_of
 from relay.security import Security
@@ -222,6 +230,10 @@ def dedup_key(envelope: Envelope) -> str:
     handled as a new transfer's until then, and what they stored is discarded there."""
     task = getattr(envelope, "task", None)
     stage = getattr(envelope, "stage", None)
+    if isinstance(envelope, ControlEnvelope | EventEnvelope):
+        # Each is its own request (cancel, then resume, then cancel again): only a copy of
+        # the same message, which keeps its id, is the same.
+        stage = envelope.message_id
     # Sealed afresh, a message sent again has other ciphertext: the plaintext's MAC says it
     # is the same (and every chunk carries it).
     content = envelope.sealed.plaintext_mac if envelope.sealed else envelope.payload_digest

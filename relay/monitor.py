@@ -53,6 +53,9 @@ class Monitor(Endpoint):
         self.control: list[ControlEnvelope] = []
         self.on_event = on_event
 
+    def emit(self, event: str, **_: object) -> None:
+        """A monitor publishes no events: it would read its own."""
+
     def prepare(self, received: Received) -> Action | None:
         """Record metrics and control events (after the ack); others are only passed on."""
         return lambda: self._record(received.envelope)

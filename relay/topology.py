@@ -1,7 +1,9 @@
 """Names and arguments of a federation's broker topology, shared by every transport.
 
 One topic exchange per federation; a queue per site and one for the aggregator, each bound
-by its own routing key; an events queue for ``events.#``; a dead-letter exchange and queue.
+by its own routing key; an events queue for ``events.#`` (for one follower, such as ``job
+submit --wait``) and an events log, a stream of the same events for any number of watchers; a
+dead-letter exchange and queue.
 Names explain themselves in the RabbitMQ management UI.
 """
 
@@ -18,6 +20,15 @@ DELIVERY_LIMIT = 5
 
 EVENTS_MAX_LENGTH = 100_000
 """Events are for watching, not for keeping: the oldest are dropped past this many."""
+
+LOG_MAX_AGE = "7D"
+"""How long the events log (a stream) keeps events for ``fedrelay watch`` and ``status``."""
+
+LOG_MAX_BYTES = 1 << 30
+"""The events log's size cap; whole segments past it are dropped, oldest first."""
+
+LOG_SEGMENT_BYTES = 8 << 20
+"""Retention drops whole segments: small ones let it act on a log of small events."""
 
 REASON_HEADER = "x-fedrelay-reason"
 """Header on a dead-lettered message saying why it was refused."""
@@ -106,6 +117,11 @@ class Topology:
         """Events of every kind, for monitors."""
         return f"fedrelay.{self.federation}.{EVENTS}"
 
+    @property
+    def log_queue(self) -> str:
+        """The events log: a stream every watcher reads from any point, without consuming."""
+        return f"fedrelay.{self.federation}.log"
+
     def site_queue(self, site: str) -> str:
         """A site's inbox."""
         return f"fedrelay.{self.federation}.site.{site}"
@@ -119,6 +135,7 @@ class Topology:
         pairs = [(self.site_queue(site), site_key(site)) for site in self.sites]
         pairs.append((self.aggregator_queue, AGGREGATOR))
         pairs.append((self.events_queue, event_key("#")))
+        pairs.append((self.log_queue, event_key("#")))
         return pairs
 
     def queue_arguments(self, queue: str) -> dict[str, Any]:
@@ -126,6 +143,15 @@ class Topology:
         if queue == self.dead_queue:
             # Dead letters wait for a person; a quorum queue keeps them through node loss.
             return {"x-queue-type": "quorum"}
+        if queue == self.log_queue:
+            # A stream: read from its start by any number of watchers, none consuming it (a
+            # classic or quorum queue gives each message to one consumer only).
+            return {
+                "x-queue-type": "stream",
+                "x-max-age": LOG_MAX_AGE,
+                "x-max-length-bytes": LOG_MAX_BYTES,
+                "x-stream-max-segment-size-bytes": LOG_SEGMENT_BYTES,
+            }
         if queue == self.events_queue:
             # Classic queue with a cap: events are frequent and losing old ones is harmless.
             return {"x-max-length": EVENTS_MAX_LENGTH, "x-overflow": "drop-head"}

@@ -9,14 +9,15 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from node.simulate import Federation, SimulationConfig
-from relay.workflows.coordinator import Status
+from relay.workflows.state import Status
 from tests.broker import HOST, PASSWORD, SecondBroker, TestBroker, free_port
 
 FEDRELAY = str(Path(sys.executable).parent / "fedrelay")
@@ -148,9 +149,11 @@ def job_args(algorithm: str, rounds: int, epochs: int = 1) -> list[str]:
     ]
 
 
-def simulated(algorithm: str, rounds: int, tmp_path: Path) -> dict[str, dict[str, float]]:
+def simulated(
+    algorithm: str, rounds: int, tmp_path: Path, epochs: int = 1
+) -> dict[str, dict[str, float]]:
     config = SimulationConfig(
-        algorithm=algorithm, sites=len(SITES), rounds=rounds, local_epochs=1, **DATA, **MODEL
+        algorithm=algorithm, sites=len(SITES), rounds=rounds, local_epochs=epochs, **DATA, **MODEL
     )
     federation = Federation.build(config, tmp_path)
     try:
@@ -197,6 +200,134 @@ def test_status_shows_queues_consumers_and_no_dead_letters(deployment: Deploymen
         "fedrelay.deploy.site.site-1",
         "fedrelay.deploy.aggregator",
     }
+
+
+def fedrelay_json(*args: str, timeout: float = 120) -> str:
+    """The --json output of a fedrelay command that must succeed."""
+    done = subprocess.run(
+        [FEDRELAY, *args, "--json"], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_watch_follows_a_job_live_and_status_shows_its_round_and_sites(
+    deployment: Deployment,
+) -> None:
+    watch = subprocess.Popen(
+        [FEDRELAY, "watch", "-c", str(deployment.config), "--json", "--idle-timeout", "120"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(3)  # it has caught up on earlier jobs and waits for the next
+    job_id = deployment.submit(*job_args("fedavg", 3))
+    out, err = watch.communicate(timeout=120)
+    assert watch.returncode == 0, out + err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert {line["job_id"] for line in lines} == {job_id}
+    assert lines[0]["event"] == "job_started"
+    opened = [line["round"] for line in lines if line["event"] == "round_opened"]
+    assert opened == [0, 1, 2]
+    trained = [line for line in lines if line["event"] == "metrics_trained"]
+    assert len(trained) == 3 * len(SITES)  # every site, every round, as it happened
+    last = lines[-1]
+    assert last["status"] == "done" and last["rounds_closed"] == 3
+    assert last["sites"] == list(SITES)
+    assert all(last["per_site"][site]["trained"] == 3 for site in SITES)
+    assert isinstance(last["dice_mean"], float) and last["dice_mean"] > 0
+
+    # Afterwards, status and a second watcher read the same log: nothing was consumed.
+    status = json.loads(fedrelay_json("status", "-c", str(deployment.config)))
+    newest = status["jobs"][0]
+    assert newest["job_id"] == job_id and newest["status"] == "done"
+    assert newest["round"] == 2 and newest["steps"] == 3
+    assert {s: v["trained"] for s, v in newest["per_site"].items()} == dict.fromkeys(SITES, 3)
+    again = fedrelay_json("watch", "-c", str(deployment.config), "--job", job_id).splitlines()
+    caught_up = json.loads(again[-1])
+    assert caught_up["status"] == "done" and caught_up["dice_mean"] == last["dice_mean"]
+
+
+def aggregator_state(deployment: Deployment, job_id: str) -> dict[str, Any]:
+    """The aggregator's saved state of a job ({} until it is first saved)."""
+    path = deployment.root / "spool" / "aggregator" / "jobs" / job_id / "state.json"
+    try:
+        state: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    return state
+
+
+def wait_for_state(
+    deployment: Deployment, job_id: str, done: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
+    deadline = time.monotonic() + 120
+    while not done(state := aggregator_state(deployment, job_id)):
+        assert time.monotonic() < deadline, state
+        time.sleep(0.01)
+    return state
+
+
+def test_an_aggregator_killed_mid_round_resumes_the_job_in_that_round(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    submit = deployment.submit_in_background(*job_args("fedavg", 3, epochs=3))
+    assert submit.stdout is not None
+    job_id = submit.stdout.readline().decode().strip()
+    # Killed once round 1 has its first update and before it closes (or, if that moment
+    # passes unseen, later in round 1).
+    state = wait_for_state(
+        deployment, job_id, lambda s: s.get("round") == 1 and len(s["contributors"]) >= 1
+    )
+    deployment.processes["aggregator"].send_signal(signal.SIGKILL)
+    deployment.processes["aggregator"].wait()
+    deployment.start("aggregator")
+    out, err = submit.communicate(timeout=300)
+    assert submit.returncode == 0, out.decode() + err.decode() + deployment.log("aggregator")
+    record = deployment.result(job_id)
+    assert record["status"] == "done"
+    rounds = record["rounds"]
+    assert isinstance(rounds, list) and [r["round"] for r in rounds] == [0, 1, 2]
+    assert f"aggregator resumes job {job_id} (fedavg) in round {state['round']}" in (
+        deployment.log("aggregator")
+    )
+    # The same model as a run without the crash: nothing lost, nothing counted twice.
+    expected = simulated("fedavg", 3, tmp_path, epochs=3)
+    final = record["final"]
+    assert isinstance(final, dict)
+    for site in SITES:
+        assert final[site] == pytest.approx(expected[site], abs=1e-4), site
+
+
+def test_an_operator_cancels_a_job_and_resumes_it_in_the_round_it_stopped(
+    deployment: Deployment,
+) -> None:
+    # Rounds long enough (about 5 s) for the cancel to come in the middle of one.
+    submit = deployment.submit_in_background(*job_args("fedavg", 3, epochs=15))
+    assert submit.stdout is not None
+    job_id = submit.stdout.readline().decode().strip()
+    wait_for_state(deployment, job_id, lambda s: s.get("round") == 1)
+    config = str(deployment.config)
+    cancel = [FEDRELAY, "job", "cancel", "-c", config, job_id, "--reason", "scanner upgrade"]
+    assert subprocess.run(cancel, capture_output=True, check=False).returncode == 0
+    out, _ = submit.communicate(timeout=120)
+    assert submit.returncode == 1
+    assert "cancelled by the operator: scanner upgrade" in out.decode()
+    stopped = wait_for_state(deployment, job_id, lambda s: s.get("status") == "cancelled")
+    assert stopped["round"] >= 1 and len(stopped["rounds"]) == stopped["round"]  # mid-round
+
+    again = [FEDRELAY, "job", "cancel", "-c", config, job_id]
+    assert subprocess.run(again, capture_output=True, check=False).returncode == 0
+    resume = [FEDRELAY, "job", "resume", "-c", config, job_id, "--wait"]
+    resumed = subprocess.run(resume, capture_output=True, text=True, timeout=240, check=False)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr + deployment.log("aggregator")
+    assert "job_done" in resumed.stdout
+    record = deployment.result(job_id)
+    assert record["status"] == "done"
+    assert [r["round"] for r in record["rounds"]] == [0, 1, 2]  # type: ignore[union-attr]
+    assert f"job {job_id} resumed in round {stopped['round']}" in deployment.log("aggregator")
+    # The second cancel came when the job was already cancelled: refused, with the reason.
+    assert "cancel: job " + job_id + " is already cancelled" in deployment.log("aggregator")
 
 
 def holds_model(journal: Path) -> bool:

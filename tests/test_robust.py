@@ -19,7 +19,7 @@ from node.simulate import Federation, SimulationConfig, weighted_overall
 from relay.aggregation import update_norm
 from relay.codec import StateDict
 from relay.jobspec import JobSpec
-from relay.workflows.coordinator import JobState, Status
+from relay.workflows.state import JobState, Status
 from tests.test_workflows import TINY
 
 SITES = 5

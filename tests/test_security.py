@@ -20,11 +20,12 @@ from pydantic import SecretStr
 
 import relay.security
 from node.config import FederationConfig, load
+from node.dead import peek
 from node.models import initial_weights
-from node.operate import quote
+from node.operate import ManagementApi, quote
 from node.options import JobOptions
 from node.process import aggregator, site_node
-from node.provision import OPERATOR, Authority, monitor_user, provision
+from node.provision import OPERATOR, Authority, monitor_user, operator_user, provision
 from node.site import SiteNode
 from relay.codec import decode, digest, encode
 from relay.envelope import ModelEnvelope, to_wire
@@ -42,8 +43,9 @@ from relay.runner import run_until
 from relay.security import Identity, Security, generate, signed_bytes
 from relay.transport import Message, Transport
 from relay.transport.amqp import AmqpTransport
-from relay.workflows.coordinator import Coordinator, Status
-from tests.broker import SecondBroker, api, free_port
+from relay.workflows.coordinator import Coordinator
+from relay.workflows.state import Status
+from tests.broker import API, SecondBroker, api, free_port
 
 SITES = ("site-1", "site-2", "site-3")
 
@@ -187,6 +189,7 @@ def imported() -> Iterator[list[Path]]:
         for vhost in definitions["vhosts"]:
             api("DELETE", f"vhosts/{quote(vhost['name'])}")
             api("DELETE", f"users/{quote(monitor_user(vhost['name']))}")
+            api("DELETE", f"users/{quote(operator_user(vhost['name']))}")
 
 
 def import_definitions(output: Path, imported: list[Path]) -> None:
@@ -295,6 +298,46 @@ def test_provisioned_users_have_only_the_rights_they_need(
             watcher.get(topology.site_queue("site-1"), timeout=0.2)
     finally:
         watcher.close()
+    # The operator (`dead replay`) takes dead letters and republishes them to a site or the
+    # aggregator as their original sender (its impersonator tag), and can do nothing else.
+    credentials = tomllib.loads((output / OPERATOR / "credentials.toml").read_text())["operator"]
+    assert credentials["user"] == operator_user(config.federation)
+    operator = AmqpTransport(
+        settings.model_copy(
+            update={
+                "username": credentials["user"],
+                "password": SecretStr(credentials["password"]),
+            }
+        )
+    )
+    try:
+        assert operator.take(topology.dead_queue) is None
+        for key, user_id in (("site.site-2", "site-1"), ("aggregator", "site-3")):
+            _publish_raw(operator, key, topology.exchange, user_id)
+        operator_refusals: dict[str, Callable[[], object]] = {
+            "a site's queue": lambda: operator.take(topology.site_queue("site-1")),
+            "the events": lambda: operator.take(topology.events_queue),
+            "publishing an event": lambda: _publish_raw(
+                operator, "events.metrics", topology.exchange, "site-1"
+            ),
+            "dead-lettering": lambda: _publish_raw(
+                operator, topology.site_queue("site-1"), topology.dead_letter_exchange, "site-1"
+            ),
+            "declaring the topology": lambda: operator.declare(topology),
+        }
+        for what, attempt in operator_refusals.items():
+            with pytest.raises(AccessRefused):
+                attempt()
+                pytest.fail(f"the operator was allowed {what}")
+    finally:
+        operator.close()
+    # Its management tag lets it list the dead letters itself, through the HTTP API.
+    http = ManagementApi(
+        API.removesuffix("/api"), user=credentials["user"], password=credentials["password"]
+    )
+    assert peek(http, config.broker.vhost, topology) == []
+    user = api("GET", f"users/{quote(credentials['user'])}")
+    assert sorted(user["tags"]) == ["impersonator", "management"]
 
 
 def tiny_job(config: FederationConfig) -> JobSpec:

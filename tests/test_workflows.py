@@ -22,7 +22,7 @@ from relay.messaging import sign
 from relay.runner import run_until
 from relay.topology import dead_letter_reason
 from relay.transport import Message
-from relay.workflows.coordinator import Status
+from relay.workflows.state import Status
 from tests.broker import TestBroker
 
 TINY = {"cases_per_site": 5, "volume_size": 16, "width": 4, "depth": 3, "learning_rate": 1e-2}

@@ -121,6 +121,22 @@ class BrokerSettings(BaseModel):
         )
 
 
+STREAM_PREFETCH = 500
+"""Stream messages in flight to a reader: streams need a prefetch, and events are small."""
+
+
+def _message(props: Any, body: bytes) -> Message:
+    return Message(
+        body=body,
+        type=props.type or "",
+        message_id=props.message_id or "",
+        correlation_id=props.correlation_id or "",
+        user_id=props.user_id,
+        headers=dict(props.headers or {}),
+        content_type=props.content_type or "",
+    )
+
+
 def _refusal(error: pe.ChannelClosed, what: str) -> TransportError:
     text = f"{what}: broker closed the channel ({error.reply_code} {error.reply_text})"
     # RabbitMQ says both with 406 PRECONDITION_FAILED; only the text tells them apart.
@@ -357,16 +373,47 @@ class AmqpTransport(Transport):
             except (pe.AMQPConnectionError, pe.ChannelWrongStateError, pe.ChannelClosed):
                 self._drop()  # the deliveries went back to the queue with the connection
 
+    def queue_state(self, queue: str) -> tuple[int, int] | None:
+        """``queue``'s ready messages and consumers, or None if there is no such queue. A
+        passive declare: RabbitMQ answers it without any right on the queue."""
+
+        def inspect(channel: BlockingChannel) -> tuple[int, int] | None:
+            try:
+                ok = channel.queue_declare(queue, passive=True)
+            except pe.ChannelClosed as e:
+                if e.reply_code != 404:
+                    raise
+                self._channel = None  # a NOT_FOUND closes the channel; the next use reopens it
+                return None
+            return int(ok.method.message_count), int(ok.method.consumer_count)
+
+        return self._run(f"inspect queue {queue!r}", inspect)
+
+    def check_read(self, queue: str) -> None:
+        """Prove the right to read ``queue`` without taking a message: a consumer is attached
+        and cancelled at once, on a channel of its own. AccessRefused if the broker refuses.
+
+        Safe when ``queue`` holds no ready messages, or has a consumer already (a
+        single-active-consumer queue gives a standby consumer nothing); otherwise the consumer
+        could be handed a message, which returns to the queue, counted as a delivery."""
+
+        def attach(channel: BlockingChannel) -> None:
+            assert self._connection is not None
+            probe = self._connection.channel()
+            try:
+                probe.basic_qos(prefetch_count=1)
+                probe.basic_cancel(probe.basic_consume(queue, lambda *_: None))
+            except pe.ChannelClosed as e:
+                raise _refusal(e, f"read {queue!r}") from e
+            finally:
+                if probe.is_open:
+                    with contextlib.suppress(pe.AMQPError):  # closing returns what it held
+                        probe.close()
+
+        self._run(f"check the right to read {queue!r}", attach)
+
     def _arrived(self, queue: str, method: Any, props: Any, body: bytes) -> None:
-        message = Message(
-            body=body,
-            type=props.type or "",
-            message_id=props.message_id or "",
-            correlation_id=props.correlation_id or "",
-            user_id=props.user_id,
-            headers=dict(props.headers or {}),
-            content_type=props.content_type or "",
-        )
+        message = _message(props, body)
         self._unacked[method.delivery_tag] = self._generation
         self._ready[queue].append(
             Delivery(message, queue, method.delivery_tag, bool(method.redelivered))
@@ -420,9 +467,113 @@ class AmqpTransport(Transport):
             self.publish(delivery.queue, copy, exchange=dead_letter_exchange)
             self.ack(delivery)
 
+    def read_stream(
+        self,
+        queue: str,
+        on_message: Callable[[Message, int], bool],
+        *,
+        offset: str | int = "first",
+        idle_s: float | None = None,
+    ) -> str | int:
+        """Read the stream ``queue`` from ``offset`` ("first", "last", "next" or a number),
+        calling ``on_message(message, its offset)``; nothing is consumed.
+
+        Returns when ``on_message`` returns True, or, with ``idle_s``, once no message came for
+        that long (a stream has no end: idleness is how a snapshot knows it caught up); returns
+        the offset to go on reading from. A lost connection is rebuilt and reading goes on
+        after the last offset seen.
+        """
+        position: list[str | int] = [offset]
+        done = [False]
+
+        def read(channel: BlockingChannel) -> None:
+            assert self._connection is not None
+            stream = self._connection.channel()  # its own prefetch; acks only move credit
+            stream.basic_qos(prefetch_count=STREAM_PREFETCH)
+            arrived: collections.deque[tuple[Message, int, int]] = collections.deque()
+
+            def take(_ch: Any, method: Any, props: Any, body: bytes) -> None:
+                at = (props.headers or {}).get("x-stream-offset", 0)
+                arrived.append((_message(props, body), int(at), method.delivery_tag))
+
+            stream.basic_consume(queue, take, arguments={"x-stream-offset": position[0]})
+            last = time.monotonic()
+            try:
+                while not done[0]:
+                    self._connection.process_data_events(time_limit=0.2)
+                    if arrived:
+                        last = time.monotonic()
+                    while arrived and not done[0]:
+                        message, at, tag = arrived.popleft()
+                        position[0] = at + 1
+                        stream.basic_ack(tag)
+                        done[0] = on_message(message, at)
+                    if idle_s is not None and time.monotonic() - last >= idle_s:
+                        done[0] = True
+            finally:
+                if stream.is_open:
+                    with contextlib.suppress(pe.AMQPError):
+                        stream.close()
+
+        self._run(f"read stream {queue!r}", read)
+        return position[0]
+
     def requeue(self, delivery: Delivery) -> None:
         """Give the message back; the quorum queue counts it against the delivery limit."""
         self._settle(delivery, "requeue", lambda ch: ch.basic_nack(delivery.tag, requeue=True))
+
+    def take(self, queue: str) -> Delivery | None:
+        """The message at the head of ``queue`` by ``basic.get``, left unacked; None when the
+        queue holds nothing ready. Unlike :meth:`get` it attaches no consumer, so no prefetch
+        limit applies: a caller may hold every message of a queue at once (an operator going
+        through the dead letters), then settle each with :meth:`ack` or :meth:`give_back`.
+
+        Never retried on a new connection: what was held on the lost one went back to the
+        queue, and taking on would meet it twice. TransportError says so instead.
+        """
+        with self._lock:
+            held = bool(self._unacked)
+            generation = self._generation
+            channel = self._live_channel()
+            if held and self._generation != generation:
+                raise TransportError(
+                    f"take from {queue!r}: the connection was lost while messages taken from "
+                    "it were held; they went back to the queue unchanged. Try again"
+                )
+            try:
+                method, props, body = channel.basic_get(queue, auto_ack=False)
+            except pe.ChannelClosed as e:
+                self._channel = None
+                raise _refusal(e, f"take from {queue!r}") from e
+            except (pe.AMQPConnectionError, pe.ChannelWrongStateError) as e:
+                self._drop()
+                raise TransportError(
+                    f"take from {queue!r}: connection lost ({type(e).__name__}); what was "
+                    "taken went back to the queue unchanged. Try again"
+                ) from e
+            if method is None:
+                return None
+            self._unacked[method.delivery_tag] = self._generation
+            message = _message(props, body or b"")
+            return Delivery(message, queue, method.delivery_tag, bool(method.redelivered))
+
+    def give_back(self, deliveries: list[Delivery]) -> None:
+        """Requeue ``deliveries`` in the order given. A quorum queue appends what it gets back
+        at its tail, so giving back every message taken, in the order taken, keeps the queue's
+        order. Deliveries of a connection since lost are back in their queue already."""
+        with self._lock:
+            for delivery in deliveries:
+                generation = self._unacked.pop(delivery.tag, None)
+                channel = self._channel
+                if generation != self._generation or channel is None or not channel.is_open:
+                    continue
+                try:
+                    channel.basic_nack(delivery.tag, requeue=True)
+                except pe.ChannelClosed as e:
+                    self._channel = None
+                    raise _refusal(e, f"requeue delivery {delivery.tag}") from e
+                except (pe.AMQPConnectionError, pe.ChannelWrongStateError):
+                    self._drop()  # the broker requeues whatever the connection held
 
     def close(self) -> None:
         """Close the connection; unacked deliveries return to their queues."""

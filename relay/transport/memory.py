@@ -42,6 +42,10 @@ class _Queue:
     ready: deque[_Queued]
 
 
+def _is_stream(arguments: dict[str, Any]) -> bool:
+    return arguments.get("x-queue-type") == "stream"
+
+
 class MemoryBroker:
     """The shared state of an in-process broker; connect to it with :class:`MemoryTransport`."""
 
@@ -56,10 +60,15 @@ class MemoryBroker:
     def declare(self, topology: Topology) -> None:
         """Create the topology's queues and bindings (idempotent)."""
         with self._lock:
+            # No streams here: nothing in one process reads the events log, which would only
+            # grow.
+            streams = {q for q in topology.queues() if _is_stream(topology.queue_arguments(q))}
             for queue in topology.queues():
-                if queue not in self._queues:
+                if queue not in self._queues and queue not in streams:
                     self._queues[queue] = _Queue(queue, topology.queue_arguments(queue), deque())
-            self._bindings[topology.exchange] = topology.bindings()
+            self._bindings[topology.exchange] = [
+                (queue, key) for queue, key in topology.bindings() if queue not in streams
+            ]
             self._bindings[topology.dead_letter_exchange] = [(topology.dead_queue, "#")]
 
     def depth(self, queue: str) -> int:

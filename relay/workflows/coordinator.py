@@ -18,12 +18,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from enum import StrEnum
+from collections.abc import Callable, Sequence
 from pathlib import Path
-
-from pydantic import BaseModel, ConfigDict
 
 from relay.aggregation import (
     WeightedMean,
@@ -42,6 +38,7 @@ from relay.envelope import (
     EVENTS,
     Command,
     ControlEnvelope,
+    Detail,
     EnsembleMemberEnvelope,
     Envelope,
     JobSpecEnvelope,
@@ -58,80 +55,13 @@ from relay.topology import Topology
 from relay.transport import Transport
 from relay.validation import parse_json
 from relay.workflows.ring import arrival_before, expected_hop, previous_stop
+from relay.workflows.state import GateRefusal, JobState, RoundRecord, Status
+from relay.workflows.store import JobStore
 
 log = logging.getLogger(__name__)
 
-
-class Status(StrEnum):
-    """Where a job is in its life."""
-
-    RUNNING = "running"
-    EVALUATING = "evaluating"
-    DONE = "done"
-    FAILED = "failed"
-
-
-@dataclass
-class RoundRecord:
-    """One closed FedAvg round (or the ensemble's fan-in)."""
-
-    round: int
-    contributors: dict[str, int]
-    missing: list[str]
-    closed_by: str
-    seconds: float
-    clipped: dict[str, float] = field(default_factory=dict)
-    """Sites whose update was clipped to the job's ``max_update_norm``, with its norm before."""
-
-
-class GateRefusal(BaseModel):
-    """A ring hop refused by the receiving site's validation gate: ``site`` scored the model
-    ``sender`` trained lower, by more than the job's ``ring_gate``, than the model ``sender``
-    had been sent, and trained that one instead."""
-
-    model_config = ConfigDict(frozen=True)
-
-    site: str
-    cycle: int
-    hop: int
-    sender: str
-    dice_mean: float
-    reference_dice_mean: float
-
-
-@dataclass
-class JobState:
-    """Everything the coordinator knows about one job."""
-
-    spec: JobSpec
-    reference: StateDict
-    status: Status = Status.RUNNING
-    reason: str = ""
-    round: int = 0
-    started: float = field(default_factory=time.time)
-    round_started: float = field(default_factory=time.time)
-    deadline: float | None = None
-    mean: WeightedMean = field(default_factory=WeightedMean)
-    velocity: StateDict = field(default_factory=dict)
-    """FedAvgM's running change of the global model (float64), empty for plain FedAvg."""
-    contributors: dict[str, int] = field(default_factory=dict)
-    clipped: dict[str, float] = field(default_factory=dict)
-    """This round's sites whose update was clipped, with its norm before."""
-    members: dict[str, StateDict] = field(default_factory=dict)
-    """Ensemble members, or (median, trimmed mean) this round's site models."""
-    final: list[StateDict] = field(default_factory=list)
-    final_sites: list[str] = field(default_factory=list)
-    final_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
-    final_counts: dict[str, int] = field(default_factory=dict)
-    rounds: list[RoundRecord] = field(default_factory=list)
-    late: list[str] = field(default_factory=list)
-    refused: list[GateRefusal] = field(default_factory=list)
-    """Ring hops a site's validation gate refused."""
-
-    @property
-    def finished(self) -> bool:
-        """Done or failed."""
-        return self.status in (Status.DONE, Status.FAILED)
+OPERATOR_COMMANDS = (Command.CANCEL, Command.RESUME)
+"""What the operator may ask of the aggregator about a job it runs."""
 
 
 class Coordinator(Endpoint):
@@ -156,8 +86,48 @@ class Coordinator(Endpoint):
         )
         self.clock = clock
         self.on_finish = on_finish
-        self.jobs: dict[str, JobState] = {}
+        self.store = JobStore(spool)
+        self.jobs: dict[str, JobState] = {job.spec.job_id: job for job in self.store.load()}
         self._submitted: dict[str, JobSpec] = {}
+        now = self.clock()
+        for job in self.jobs.values():
+            if not job.finished and job.deadline is not None:
+                # Time the aggregator was down is not the sites' to make up.
+                job.deadline = max(job.deadline, now + job.spec.round_timeout_s)
+
+    # -- restarting ------------------------------------------------------------------------
+
+    def resume(self) -> int:
+        """Finish the journal's messages, then send again what running jobs still wait for:
+        the round's model to sites that have not answered, the final model to sites that
+        have not scored it. Sites drop copies they already have (same job, round, digest)."""
+        resumed = super().resume()
+        for job in self.jobs.values():
+            if job.finished:
+                continue
+            log.warning(
+                "aggregator resumes job %s (%s) in %s %d, %s",
+                job.spec.job_id,
+                job.spec.algorithm,
+                "cycle" if job.spec.algorithm.is_ring else "round",
+                job.round,
+                job.status,
+            )
+            self._announce(job, "job_resumed", round=job.round, reason="the aggregator restarted")
+            if job.status is Status.EVALUATING:
+                waiting = [s for s in job.spec.sites if s not in job.final_metrics]
+                self._send_final(job, waiting)
+            elif not job.spec.algorithm.is_ring:
+                waiting = [s for s in job.spec.sites if s not in job.contributors]
+                self._send_round(job, encode(job.reference), waiting)
+        self.acted()
+        return resumed
+
+    def acted(self) -> None:
+        """Save every job whose state changed."""
+        for job in self.jobs.values():
+            if job.dirty:
+                self.store.save(job)
 
     # -- starting --------------------------------------------------------------------------
 
@@ -179,18 +149,29 @@ class Coordinator(Endpoint):
         now = self.clock()
         job = JobState(spec, {k: v.detach().clone() for k, v in initial.items()}, started=now)
         self.jobs[spec.job_id] = job
+        job.dirty |= {"state", "reference"}
         try:
             self._start(job)
         except TransportError as e:
             job.status, job.reason = Status.FAILED, f"could not start the job: {e}"
             raise JobFailed(job.reason) from e
+        finally:
+            self.acted()
         return job
+
+    def _announce(self, job: JobState, event: str, **detail: Detail) -> None:
+        self.emit(event, job_id=job.spec.job_id, algorithm=job.spec.algorithm, **detail)
 
     def _start(self, job: JobState) -> None:
         spec, now = job.spec, job.started
-        spec_json = spec.model_dump_json().encode()
-        for site in spec.sites:
-            self._send(job, JobSpecEnvelope, spec_json, recipient=site)
+        self._announce(
+            job,
+            "job_started",
+            sites=",".join(spec.sites),
+            rounds=spec.rounds,
+            local_epochs=spec.training.local_epochs,
+        )
+        self._send_spec(job)
         payload = encode(job.reference)
         if spec.algorithm.is_ring:
             # Peers route the token; all the coordinator can watch is that it comes back.
@@ -198,6 +179,12 @@ class Coordinator(Endpoint):
             self._send(job, ModelEnvelope, payload, recipient=spec.sites[0], round=0, hop=0)
         else:
             self._open_round(job, 0, payload)
+
+    def _send_spec(self, job: JobState) -> None:
+        spec_json = job.spec.model_dump_json().encode()
+        for site in job.spec.sites:
+            # hop: a resumed job's spec must not look like a copy of the one sites forgot.
+            self._send(job, JobSpecEnvelope, spec_json, recipient=site, hop=job.resumes)
 
     def _send(
         self,
@@ -223,8 +210,16 @@ class Coordinator(Endpoint):
         job.contributors, job.clipped, job.members = {}, {}, {}
         budget = job.spec.rounds if job.spec.algorithm is Algorithm.ENSEMBLE else 1
         job.deadline = now + job.spec.round_timeout_s * budget
-        for site in job.spec.sites:
-            self._send(job, ModelEnvelope, payload, recipient=site, round=round)
+        job.dirty |= {"state", "reference", "velocity", "mean", "members"}
+        self._announce(job, "round_opened", round=round)
+        self._send_round(job, payload, job.spec.sites)
+
+    def _send_round(self, job: JobState, payload: bytes | bytearray, sites: Sequence[str]) -> None:
+        # hop: a resumed job's round is a new message for sites that trained it before.
+        for site in sites:
+            self._send(
+                job, ModelEnvelope, payload, recipient=site, round=job.round, hop=job.resumes
+            )
 
     # -- receiving -------------------------------------------------------------------------
 
@@ -239,6 +234,13 @@ class Coordinator(Endpoint):
     # -- jobs submitted through the broker (``fedrelay job submit``) ------------------------
 
     def _screen_submission(self, envelope: Envelope) -> None:
+        if isinstance(envelope, ControlEnvelope) and envelope.command in OPERATOR_COMMANDS:
+            if envelope.job_id not in self.jobs:
+                raise EnvelopeError(
+                    f"{envelope.command}: job {envelope.job_id} is not one this aggregator "
+                    f"knows (jobs: {sorted(self.jobs)[-10:]})"
+                )
+            return
         if envelope.job_id in self.jobs:
             raise EnvelopeError(f"job {envelope.job_id} was already submitted")
         if isinstance(envelope, JobSpecEnvelope):
@@ -254,6 +256,8 @@ class Coordinator(Endpoint):
 
     def _prepare_submission(self, received: Received) -> Action:
         envelope = received.envelope
+        if isinstance(envelope, ControlEnvelope):
+            return self._prepare_command(self.jobs[envelope.job_id], envelope)
         if isinstance(envelope, JobSpecEnvelope):
             submitted = parse_json(JobSpec, bytes(received.payload), what="job")
             if submitted.job_id != envelope.job_id:
@@ -270,6 +274,44 @@ class Coordinator(Endpoint):
         if bad:
             raise EnvelopeError(f"initial model: tensors {bad[:5]} hold NaN or infinite values")
         return lambda: self._start_submitted(spec, initial)
+
+    def _prepare_command(self, job: JobState, envelope: ControlEnvelope) -> Action:
+        """The operator's ``job cancel`` or ``job resume``."""
+        why = envelope.reason or "no reason given"
+        if envelope.command is Command.CANCEL:
+            if job.finished:
+                raise EnvelopeError(f"cancel: job {job.spec.job_id} is already {job.status}")
+            return lambda: self._cancel(job, why)
+        if job.status not in (Status.FAILED, Status.CANCELLED):
+            raise EnvelopeError(
+                f"resume: job {job.spec.job_id} is {job.status}; only a failed or cancelled "
+                "job can be resumed"
+            )
+        if job.spec.algorithm.is_ring:
+            raise EnvelopeError(
+                f"resume: job {job.spec.job_id} is {job.spec.algorithm}, whose model travels "
+                "from site to site and is gone once the job stopped; submit it again"
+            )
+        if not job.reference:
+            raise EnvelopeError(f"resume: job {job.spec.job_id} has no saved model to resume")
+        return lambda: self._resume_job(job, why)
+
+    def _cancel(self, job: JobState, reason: str) -> None:
+        log.warning("job %s cancelled by the operator: %s", job.spec.job_id, reason)
+        self._announce(job, "job_cancelled", round=job.round, reason=reason)
+        self._finish(job, Status.CANCELLED, f"cancelled by the operator: {reason}")
+
+    def _resume_job(self, job: JobState, reason: str) -> None:
+        """Run a failed or cancelled job on, from the start of the round it stopped in."""
+        job.resumes += 1
+        job.status, job.reason = Status.RUNNING, ""
+        log.warning("job %s resumed in round %d: %s", job.spec.job_id, job.round, reason)
+        self._announce(job, "job_resumed", round=job.round, reason=reason)
+        self._send_spec(job)  # sites forgot the job when it stopped
+        if job.final:  # it stopped while the sites scored the final model
+            self._evaluate(job, job.final, job.final_sites)
+        else:
+            self._open_round(job, job.round, encode(job.reference))
 
     def _start_submitted(self, spec: JobSpec, initial: StateDict) -> None:
         del self._submitted[spec.job_id]
@@ -302,6 +344,21 @@ class Coordinator(Endpoint):
         if envelope.sender == AGGREGATOR:
             return self._prepare_submission(received)
         job = self._job(envelope)
+        if envelope.message_id in job.applied:
+            return None  # applied and saved before a crash that came before the journal's end
+        action = self._prepare_for(job, received)
+        if action is None:
+            return None
+
+        def applied() -> None:
+            action()
+            job.applied.add(envelope.message_id)
+            job.dirty.add("state")
+
+        return applied
+
+    def _prepare_for(self, job: JobState, received: Received) -> Action | None:
+        envelope = received.envelope
         algorithm = job.spec.algorithm
         if isinstance(envelope, UpdateEnvelope | EnsembleMemberEnvelope):
             wanted = (
@@ -361,7 +418,7 @@ class Coordinator(Endpoint):
                 dice_mean=envelope.metrics.get("dice_mean", math.nan),
                 reference_dice_mean=envelope.metrics.get("reference_dice_mean", math.nan),
             )
-            return lambda: job.refused.append(refusal)
+            return lambda: self._record_refusal(job, refusal)
         if isinstance(envelope, MetricsEnvelope) and envelope.stage == "final":
             if job.status is not Status.EVALUATING:
                 raise EnvelopeError(
@@ -373,9 +430,16 @@ class Coordinator(Endpoint):
     def _record_late(self, job: JobState, note: str) -> None:
         log.warning("job %s: %s", job.spec.job_id, note)
         job.late.append(note)
+        job.dirty.add("state")
+        self._announce(job, "late", note=note)
+
+    def _record_refusal(self, job: JobState, refusal: GateRefusal) -> None:
+        job.refused.append(refusal)
+        self._announce(job, "hop_refused", **refusal.model_dump())
 
     def _contribute(self, job: JobState, site: str, state: StateDict, samples: int) -> None:
         job.contributors[site] = samples
+        job.dirty |= {"state", "mean", "members"}
         spec = job.spec
         if spec.max_update_norm is not None:
             norm = update_norm(job.reference, state)
@@ -391,21 +455,30 @@ class Coordinator(Endpoint):
 
     def _close_round(self, job: JobState, closed_by: str) -> None:
         missing = [s for s in job.spec.sites if s not in job.contributors]
-        job.rounds.append(
-            RoundRecord(
-                job.round,
-                dict(job.contributors),
-                missing,
-                closed_by,
-                self.clock() - job.round_started,
-                dict(job.clipped),
-            )
+        record = RoundRecord(
+            job.round,
+            dict(job.contributors),
+            missing,
+            closed_by,
+            self.clock() - job.round_started,
+            dict(job.clipped),
+        )
+        job.rounds.append(record)
+        self._announce(
+            job,
+            "round_closed",
+            round=record.round,
+            contributors=",".join(record.contributors),
+            missing=",".join(missing),
+            closed_by=closed_by,
+            seconds=round(record.seconds, 3),
         )
         if job.spec.algorithm is Algorithm.ENSEMBLE:
             sites = [s for s in job.spec.sites if s in job.members]
             self._evaluate(job, [job.members[s] for s in sites], sites)
             return
         average = self._aggregate(job)
+        job.dirty |= {"reference", "velocity"}
         if job.spec.server_momentum:
             job.reference, job.velocity = server_step(
                 job.reference, average, job.velocity, momentum=job.spec.server_momentum
@@ -430,19 +503,27 @@ class Coordinator(Endpoint):
         job.status = Status.EVALUATING
         job.final, job.final_sites = models, sites
         job.deadline = self.clock() + job.spec.round_timeout_s
+        job.dirty |= {"state", "final"}
+        self._announce(job, "evaluating", members=len(models))
+        self._send_final(job, job.spec.sites)
+
+    def _send_final(self, job: JobState, sites: Sequence[str]) -> None:
+        models = job.final
         payload = encode(bundle(models) if len(models) > 1 else models[0])
-        for site in job.spec.sites:
+        for site in sites:
             self._send(
                 job,
                 ModelEnvelope,
                 payload,
                 recipient=site,
                 round=job.spec.rounds,
+                hop=job.resumes,
                 task=Task.EVALUATE,
                 members=len(models),
             )
 
     def _record_final(self, job: JobState, envelope: MetricsEnvelope) -> None:
+        job.dirty.add("state")
         job.final_metrics[envelope.sender] = dict(envelope.metrics)
         job.final_counts[envelope.sender] = envelope.sample_count
         if len(job.final_metrics) == len(job.spec.sites):
@@ -450,8 +531,9 @@ class Coordinator(Endpoint):
 
     def _finish(self, job: JobState, status: Status, reason: str) -> None:
         job.status, job.reason, job.deadline = status, reason, None
+        job.dirty.add("state")
         command = Command.JOB_DONE if status is Status.DONE else Command.JOB_FAILED
-        if status is Status.FAILED:
+        if status is not Status.DONE:
             log.error("job %s failed: %s", job.spec.job_id, reason)
             for site in job.spec.sites:  # so that no site keeps the job's state
                 self._send(
@@ -459,6 +541,18 @@ class Coordinator(Endpoint):
                 )
         if self.on_finish is not None:
             self.on_finish(job)
+        cases = sum(job.final_counts.get(site, 0) for site in job.final_metrics)
+        dice = sum(
+            m.get("dice_mean", 0.0) * job.final_counts.get(site, 0)
+            for site, m in job.final_metrics.items()
+        )
+        self._announce(
+            job,
+            "job_finished",
+            status=str(status),
+            reason=reason[:4000],
+            dice_mean=dice / cases if cases else None,
+        )
         self._send(
             job,
             ControlEnvelope,
@@ -499,5 +593,6 @@ class Coordinator(Endpoint):
                     f"{sorted(job.contributors)}), {job.spec.quorum} needed; check the "
                     "missing sites or lower min_sites",
                 )
+        self.acted()
         deadlines = [j.deadline for j in self.jobs.values() if j.deadline is not None]
         return min(deadlines) if deadlines else None
