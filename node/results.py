@@ -15,19 +15,28 @@ from relay.workflows.state import JobState, Status
 
 MODEL_FILE = "model.safetensors"
 JOB_FILE = "job.json"
+LINEAGE_FILE = "lineage.json"
+ROSTER_FILE = "roster.json"
+"""The roster a simulation writes beside its model (its keys exist only for the run)."""
+LINEAGE_KEY = "fedrelay_lineage"
+"""The model file's metadata entry that holds its lineage."""
 
 
 def save_model(state: JobState, output: Path) -> tuple[str, str]:
-    """The final model (an ensemble's members prefixed ``member<i>.``) as safetensors.
+    """The final model (an ensemble's members prefixed ``member<i>.``) as safetensors, with
+    its lineage beside it (``lineage.json``) and inside it.
 
     Returns the file's name and its sha256. The metadata holds the job spec
-    (``fedrelay_job``) and the member sites (``members``).
+    (``fedrelay_job``), the member sites (``members``) and the signed lineage
+    (``fedrelay_lineage``, see :mod:`relay.lineage`).
     """
     weights: StateDict = bundle(state.final) if len(state.final) > 1 else state.final[0]
     metadata = {
         "fedrelay_job": state.spec.model_dump_json(),
         "members": json.dumps(state.final_sites),
+        LINEAGE_KEY: json.dumps(state.lineage),
     }
+    replace_file(output / LINEAGE_FILE, (json.dumps(state.lineage, indent=1) + "\n").encode())
     path = output / MODEL_FILE
     save_file({k: v.contiguous() for k, v in weights.items()}, str(path), metadata=metadata)
     return MODEL_FILE, file_digest(path)

@@ -23,7 +23,7 @@ from node.data import cases_from
 from node.models import initial_weights
 from node.options import JobOptions
 from node.phantom import CaseSplit, SiteProfile, federation_site
-from node.results import MODEL_FILE, save_model
+from node.results import MODEL_FILE, ROSTER_FILE, save_model
 from node.site import SiteNode
 from node.trainer import SegmentationTrainer, trainer_factory
 from relay.codec import StateDict
@@ -394,6 +394,8 @@ def _write_results(
     model_file, model_digest = (
         save_model(state, output) if state.status is Status.DONE else (None, None)
     )
+    # The run's keys are gone with it; its roster stays, to verify the model's lineage.
+    federation.security[AGGREGATOR].roster.save(output / ROSTER_FILE)
     endpoints = federation.endpoints
     traffic = [e.outbox.traffic for e in endpoints]
     result = SimulationResult(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +31,7 @@ from relay.envelope import (
     EnvelopeBase,
     EventEnvelope,
     JobSpecEnvelope,
+    LineageEnvelope,
     MetricsEnvelope,
     ModelEnvelope,
     Task,
@@ -37,6 +39,7 @@ from relay.envelope import (
 )
 from relay.errors import ConfigError, EnvelopeError
 from relay.jobspec import DEFAULT_CHUNK_SIZE, Algorithm, JobSpec
+from relay.lineage import model_digest
 from relay.messaging import Received, check_chunking
 from relay.privacy import epsilon, privatize, release_key, releases, site_secret
 from relay.security import Security
@@ -432,6 +435,23 @@ class SiteNode(Endpoint):
             where["basis_digest"] = basis
         # The reference first: it must reach the site after next before the next token does.
         sends.append((make, where))
+        # The step goes on record before the model leaves: the aggregator has every step of
+        # a model's history by the time the model reaches it.
+        self.outbox.send(
+            LineageEnvelope,
+            chunk_size=job.chunk_size,
+            job_id=job.job_id,
+            algorithm=job.algorithm,
+            recipient=AGGREGATOR,
+            round=round,
+            hop=hop,
+            step="train",
+            inputs=[model_digest(received)],
+            output=model_digest(weights),
+            sample_count=result.sample_count,
+            validation_count=algo.validation_count,
+            metrics={k: v for k, v in trained.items() if math.isfinite(v)},
+        )
         for kind, fields in sends:
             self.outbox.send(
                 kind,

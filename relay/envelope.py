@@ -239,6 +239,11 @@ class EventEnvelope(EnvelopeBase):
         return self
 
 
+Step = Literal["initial", "train", "aggregate", "final"]
+"""A lineage step: the aggregator's initial model, a site's training, an aggregation, the
+final model."""
+
+
 class LineageEnvelope(EnvelopeBase):
     """One step of a model's history, signed by the party that took it (payload empty).
 
@@ -247,7 +252,7 @@ class LineageEnvelope(EnvelopeBase):
     trains and sends on; the aggregator records the initial model and each aggregation."""
 
     kind: Literal[Kind.LINEAGE] = Kind.LINEAGE
-    step: Literal["initial", "train", "aggregate", "final"]
+    step: Step
     inputs: list[Digest] = Field(default_factory=list, max_length=MAX_SITES)
     output: Digest
     sample_count: int = Field(default=0, ge=0, le=MAX_SAMPLES, description="training cases")

@@ -185,40 +185,15 @@ def signed_bytes(header: dict[str, object], federation: str) -> bytes:
     return SIGNATURE_CONTEXT + body.encode()
 
 
-class Security:
-    """What one party needs to sign, verify, seal and open: its identity and the roster."""
+class Verifier:
+    """Checks signatures against a roster; holds no private key (for offline audits too)."""
 
-    def __init__(self, identity: Identity, roster: Roster) -> None:
-        listed = roster.parties.get(identity.name)
-        if listed is None:
-            raise ConfigError(
-                f"roster of {roster.federation!r} does not list {identity.name!r}; "
-                "give this party the roster provisioned with its keys"
-            )
-        if listed != identity.public():
-            raise ConfigError(
-                f"roster of {roster.federation!r}: {identity.name!r}'s public keys do not match "
-                "its private keys; the keys and the roster come from different provisionings"
-            )
-        self.identity = identity
-        self.roster = roster
+    def __init__(self, roster: Roster) -> None:
+        self.federation = roster.federation
         self._signing = {
             name: Ed25519PublicKey.from_public_bytes(base64.b64decode(keys.signing))
             for name, keys in roster.parties.items()
         }
-        self._encryption = {
-            name: X25519PublicKey.from_public_bytes(base64.b64decode(keys.encryption))
-            for name, keys in roster.parties.items()
-        }
-
-    @property
-    def federation(self) -> str:
-        """The federation the roster belongs to."""
-        return self.roster.federation
-
-    def signature(self, header: dict[str, object]) -> str:
-        """This party's signature over an envelope header."""
-        return b64(self.identity.signing.sign(signed_bytes(header, self.federation)))
 
     def verify(self, header: dict[str, object], sender: str) -> None:
         """Refuse an unsigned or forged header: EnvelopeError saying which."""
@@ -242,6 +217,43 @@ class Security:
                 f"forged or tampered: the signature does not match {sender!r}'s key over this "
                 "envelope; it was altered after signing or signed by someone else"
             ) from e
+
+
+class Security:
+    """What one party needs to sign, verify, seal and open: its identity and the roster."""
+
+    def __init__(self, identity: Identity, roster: Roster) -> None:
+        listed = roster.parties.get(identity.name)
+        if listed is None:
+            raise ConfigError(
+                f"roster of {roster.federation!r} does not list {identity.name!r}; "
+                "give this party the roster provisioned with its keys"
+            )
+        if listed != identity.public():
+            raise ConfigError(
+                f"roster of {roster.federation!r}: {identity.name!r}'s public keys do not match "
+                "its private keys; the keys and the roster come from different provisionings"
+            )
+        self.identity = identity
+        self.roster = roster
+        self.verifier = Verifier(roster)
+        self._encryption = {
+            name: X25519PublicKey.from_public_bytes(base64.b64decode(keys.encryption))
+            for name, keys in roster.parties.items()
+        }
+
+    @property
+    def federation(self) -> str:
+        """The federation the roster belongs to."""
+        return self.roster.federation
+
+    def signature(self, header: dict[str, object]) -> str:
+        """This party's signature over an envelope header."""
+        return b64(self.identity.signing.sign(signed_bytes(header, self.federation)))
+
+    def verify(self, header: dict[str, object], sender: str) -> None:
+        """Refuse an unsigned or forged header: EnvelopeError saying which."""
+        self.verifier.verify(header, sender)
 
     def should_seal(self, recipient: str) -> bool:
         """True if payloads to ``recipient`` are encrypted (a party in an encrypting roster)."""

@@ -25,6 +25,8 @@ from node.models import initial_weights
 from node.operate import ManagementApi, quote
 from node.options import JobOptions
 from node.process import aggregator, site_node
+from node.audit import audit
+from node.results import save_model
 from node.provision import OPERATOR, Authority, monitor_user, operator_user, provision
 from node.site import SiteNode
 from relay.codec import decode, digest, encode
@@ -40,7 +42,7 @@ from relay.frame import decode_frame, encode_frame
 from relay.jobspec import JobSpec
 from relay.messaging import sign
 from relay.runner import run_until
-from relay.security import Identity, Security, generate, signed_bytes
+from relay.security import Identity, Roster, Security, generate, signed_bytes
 from relay.transport import Message, Transport
 from relay.transport.amqp import AmqpTransport
 from relay.workflows.coordinator import Coordinator
@@ -468,6 +470,12 @@ def test_a_tls_only_federation_logs_in_by_certificate_and_runs_a_job(tmp_path: P
         run_until([coordinator, *sites], lambda: state.finished)
         assert state.status is Status.DONE, state.reason
         assert set(state.final_metrics) == set(SITES)
+        # The model ships with its lineage, every step signed: it verifies offline against
+        # the kit's roster.
+        save_model(state, tmp_path)
+        verdict, _ = audit(tmp_path, Roster.load(output / "site-1" / "roster.json"))
+        assert verdict.ok, verdict.problems
+        assert verdict.steps == {"initial": 1, "train": 2 * len(SITES), "aggregate": 2, "final": 1}
         for party in (coordinator, *sites):
             party.close()
     finally:

@@ -20,6 +20,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from relay.aggregation import (
     WeightedMean,
@@ -42,14 +43,18 @@ from relay.envelope import (
     EnsembleMemberEnvelope,
     Envelope,
     JobSpecEnvelope,
+    LineageEnvelope,
     MetricsEnvelope,
     ModelEnvelope,
+    Step,
     Task,
     UpdateEnvelope,
+    to_wire,
 )
 from relay.errors import ConfigError, EnvelopeError, JobFailed, TransportError
 from relay.jobspec import Aggregation, Algorithm, JobSpec
-from relay.messaging import Received, check_chunking
+from relay.lineage import EMPTY_DIGEST, model_digest
+from relay.messaging import Received, check_chunking, sign
 from relay.security import Security
 from relay.topology import Topology
 from relay.transport import Transport
@@ -162,8 +167,31 @@ class Coordinator(Endpoint):
     def _announce(self, job: JobState, event: str, **detail: Detail) -> None:
         self.emit(event, job_id=job.spec.job_id, algorithm=job.spec.algorithm, **detail)
 
+    def _record_step(
+        self, job: JobState, step: Step, inputs: list[str], output: str, **fields: Any
+    ) -> None:
+        """Add the aggregator's own step to the job's lineage, signed where it signs."""
+        envelope = LineageEnvelope(
+            job_id=job.spec.job_id,
+            algorithm=job.spec.algorithm,
+            sender=AGGREGATOR,
+            recipient=AGGREGATOR,
+            round=job.round,
+            payload_size=0,
+            payload_digest=EMPTY_DIGEST,
+            step=step,
+            inputs=inputs,
+            output=output,
+            **fields,
+        )
+        if self.outbox.security is not None:
+            envelope = sign(envelope, self.outbox.security)
+        job.lineage.append(to_wire(envelope))
+        job.dirty.add("state")
+
     def _start(self, job: JobState) -> None:
         spec, now = job.spec, job.started
+        self._record_step(job, "initial", [], model_digest(job.reference))
         self._announce(
             job,
             "job_started",
@@ -208,6 +236,7 @@ class Coordinator(Endpoint):
         job.round_started = now
         job.mean = WeightedMean()
         job.contributors, job.clipped, job.members = {}, {}, {}
+        job.round_inputs = []
         budget = job.spec.rounds if job.spec.algorithm is Algorithm.ENSEMBLE else 1
         job.deadline = now + job.spec.round_timeout_s * budget
         job.dirty |= {"state", "reference", "velocity", "mean", "members"}
@@ -400,6 +429,12 @@ class Coordinator(Endpoint):
                 )
             state = self._weights(job, received)
             return lambda: self._evaluate(job, [state], [envelope.sender])
+        if isinstance(envelope, LineageEnvelope):
+            if envelope.step != "train":
+                raise EnvelopeError(
+                    f"lineage.step: a site records train steps, not {envelope.step}"
+                )
+            return lambda: self._record_site_step(job, envelope)
         if isinstance(envelope, MetricsEnvelope) and envelope.stage == "refused":
             if job.spec.ring_gate is None or job.status is not Status.RUNNING:
                 raise EnvelopeError(
@@ -427,6 +462,18 @@ class Coordinator(Endpoint):
             return lambda: self._record_final(job, envelope)
         raise EnvelopeError(f"envelope.kind: the aggregator does not accept {envelope.kind} here")
 
+    def _record_site_step(self, job: JobState, envelope: LineageEnvelope) -> None:
+        if job.final:
+            # After the final step the lineage is closed; a straggler's step is noted only.
+            self._record_late(
+                job,
+                f"lineage step from {envelope.sender} (round {envelope.round}) arrived after "
+                "the final model; not in the lineage",
+            )
+            return
+        job.lineage.append(to_wire(envelope))
+        job.dirty.add("state")
+
     def _record_late(self, job: JobState, note: str) -> None:
         log.warning("job %s: %s", job.spec.job_id, note)
         job.late.append(note)
@@ -439,6 +486,7 @@ class Coordinator(Endpoint):
 
     def _contribute(self, job: JobState, site: str, state: StateDict, samples: int) -> None:
         job.contributors[site] = samples
+        job.round_inputs.append(model_digest(state))  # as the site sent it, before any clipping
         job.dirty |= {"state", "mean", "members"}
         spec = job.spec
         if spec.max_update_norm is not None:
@@ -485,6 +533,13 @@ class Coordinator(Endpoint):
             )
         else:
             job.reference = average
+        self._record_step(
+            job,
+            "aggregate",
+            job.round_inputs,
+            model_digest(job.reference),
+            sample_count=sum(job.contributors.values()),
+        )
         if job.round + 1 < job.spec.rounds:
             self._open_round(job, job.round + 1, encode(job.reference))
         else:
@@ -504,6 +559,10 @@ class Coordinator(Endpoint):
         job.final, job.final_sites = models, sites
         job.deadline = self.clock() + job.spec.round_timeout_s
         job.dirty |= {"state", "final"}
+        if not any(record.get("step") == "final" for record in job.lineage):
+            whole = bundle(models) if len(models) > 1 else models[0]
+            inputs = [model_digest(m) for m in models]
+            self._record_step(job, "final", inputs, model_digest(whole))
         self._announce(job, "evaluating", members=len(models))
         self._send_final(job, job.spec.sites)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -79,6 +80,10 @@ class JobState:
     late: list[str] = field(default_factory=list)
     refused: list[GateRefusal] = field(default_factory=list)
     """Ring hops a site's validation gate refused."""
+    lineage: list[dict[str, Any]] = field(default_factory=list)
+    """Signed lineage records (wire form), in the order they were made or arrived."""
+    round_inputs: list[str] = field(default_factory=list)
+    """This round's updates, by :func:`relay.lineage.model_digest`, for its aggregate step."""
     resumes: int = 0
     """Times the operator resumed it after it failed or was cancelled."""
     applied: set[str] = field(default_factory=set)

@@ -128,6 +128,8 @@ def _record(job: JobState, order: list[str]) -> dict[str, Any]:
         "late": job.late,
         "refused": [r.model_dump() for r in job.refused],
         "applied": sorted(job.applied),
+        "lineage": job.lineage,
+        "round_inputs": job.round_inputs,
     }
 
 
@@ -159,6 +161,8 @@ def _job(folder: Path, record: dict[str, Any]) -> JobState:
         late=record["late"],
         refused=[GateRefusal.model_validate(r) for r in record["refused"]],
         applied=set(record["applied"]),
+        lineage=record["lineage"],
+        round_inputs=record["round_inputs"],
     )
     if not job.reference and job.status is not Status.DONE:
         raise ValueError("the global model's file is missing")
