@@ -7,6 +7,7 @@ import logging
 import re
 import sys
 from collections.abc import Callable
+from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,6 +25,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from node.audit import audit, find_roster
 from node.config import FederationConfig
 from node.config import load as load_config
 from node.models import initial_weights
@@ -40,6 +42,7 @@ from relay.endpoint import Endpoint
 from relay.envelope import AGGREGATOR, Command, Envelope, MetricsEnvelope
 from relay.errors import ConfigError, FedrelayError
 from relay.jobspec import Aggregation, Algorithm
+from relay.security import Roster
 from relay.transport import Message
 from relay.transport.amqp import AmqpTransport
 from relay.validation import describe
@@ -362,6 +365,43 @@ def report_command(results: Path, output: Path | None) -> None:
         click.echo(write_report(result, folder))
     except FedrelayError as e:
         raise click.ClickException(str(e)) from e
+
+
+@main.group("lineage")
+def lineage_group() -> None:
+    """A final model's signed history."""
+
+
+@lineage_group.command("verify")
+@click.argument("model", type=click.Path(path_type=Path, exists=True))
+@click.option(
+    "--roster",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    default=None,
+    help="The federation's roster.json  [default: the one beside the model (simulations)]",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def lineage_verify(model: Path, roster: Path | None, as_json: bool) -> None:
+    """Check a model's lineage offline: every step signed by its party, every step starting
+    from a model an earlier step made, the saved model the last step's. Exit 1 if not."""
+    try:
+        roster_path = roster or find_roster(model)
+        verdict, spec = audit(model, Roster.load(roster_path) if roster_path else None)
+    except FedrelayError as e:
+        raise click.ClickException(str(e)) from e
+    if as_json:
+        click.echo(json.dumps(asdict(verdict) | {"ok": verdict.ok, "job_id": spec.job_id}))
+    else:
+        steps = ", ".join(f"{n} {step}" for step, n in verdict.steps.items())
+        click.echo(
+            f"job {spec.job_id} ({spec.algorithm}): {verdict.records} records ({steps}) by "
+            f"{', '.join(verdict.parties)}"
+        )
+        for problem in verdict.problems:
+            click.echo(f"  - {problem}")
+        click.echo("lineage verified" if verdict.ok else "lineage NOT verified")
+    if not verdict.ok:
+        sys.exit(1)
 
 
 @main.command("provision")

@@ -19,15 +19,15 @@ import torch
 from pydantic import SecretStr
 
 import relay.security
+from node.audit import audit
 from node.config import FederationConfig, load
 from node.dead import peek
 from node.models import initial_weights
 from node.operate import ManagementApi, quote
 from node.options import JobOptions
 from node.process import aggregator, site_node
-from node.audit import audit
-from node.results import save_model
 from node.provision import OPERATOR, Authority, monitor_user, operator_user, provision
+from node.results import save_model
 from node.site import SiteNode
 from relay.codec import decode, digest, encode
 from relay.envelope import ModelEnvelope, to_wire
