@@ -729,9 +729,8 @@ def status_command(
     console.print(table)
     listening = ", ".join(snapshot["sites_listening"]) or "none"
     console.print(f"sites listening (idle, waiting for work): {listening}")
-    console.print(f"dead letters: {snapshot['dead_letters']}")
-    for reason in snapshot["dead_letter_reasons"][:5]:
-        console.print(f"  - {reason}")
+    hint = " (`fedrelay dead list` shows them)" if snapshot["dead_letters"] else ""
+    console.print(f"dead letters: {snapshot['dead_letters']}{hint}")
     if snapshot["jobs"] is None:
         console.print(f"[yellow]{snapshot['jobs_error']}")
     for view in views if snapshot["jobs"] else []:

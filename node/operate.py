@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import time
 import urllib.error
@@ -20,12 +21,12 @@ from relay.envelope import (
     ModelEnvelope,
     to_wire,
 )
-from relay.errors import FedrelayError, InvalidInput, JobFailed, TransportError
+from relay.errors import InvalidInput, JobFailed, TransportError
 from relay.frame import decode_frame
 from relay.jobspec import MAX_CHUNK_SIZE, Algorithm, JobSpec
 from relay.messaging import Outbox
 from relay.security import Security
-from relay.topology import Topology, dead_letter_reason
+from relay.topology import Topology
 from relay.transport import Transport
 
 
@@ -135,6 +136,12 @@ class ManagementApi:
             raise TransportError(
                 f"management API {url} is unreachable ({e.reason}); is rabbitmq_management on?"
             ) from e
+        except (http.client.HTTPException, OSError) as e:
+            raise TransportError(
+                f"management API {url} did not answer HTTP ({type(e).__name__}: {e}); check "
+                "broker.management_url: http:// or https://, and the port (15672, or 15671 "
+                "with TLS)"
+            ) from e
 
     def peek(self, vhost: str, queue: str, count: int) -> list[dict[str, Any]]:
         """Up to ``count`` messages from the head of ``queue``, requeued (bodies truncated)."""
@@ -152,7 +159,9 @@ def quote(name: str) -> str:
 
 
 def federation_status(config: FederationConfig, *, user: str, password: str) -> dict[str, Any]:
-    """Queues (ready, unacked, consumers), dead letters and the latest event, as plain data."""
+    """Queues (ready, unacked, consumers), the sites listening and the number of dead letters,
+    as plain data. Dead letters are counted, not read: reading a quorum queue's messages puts
+    them back at its end (``fedrelay dead list`` reads them all and restores the order)."""
     api = ManagementApi(config.broker.management_url, user=user, password=password)
     topology = config.topology()
     vhost = config.broker.vhost
@@ -168,14 +177,6 @@ def federation_status(config: FederationConfig, *, user: str, password: str) -> 
         for name in topology.queues()
     ]
     by_name = {q["name"]: q for q in queues}
-    dead_count = by_name[topology.dead_queue]["ready"]
-    dead = api.peek(vhost, topology.dead_queue, min(dead_count, 20))
-    try:
-        events = api.peek(
-            vhost, topology.events_queue, min(by_name[topology.events_queue]["ready"], 5000)
-        )
-    except FedrelayError:
-        events = []
     return {
         "federation": config.federation,
         "vhost": vhost,
@@ -185,20 +186,5 @@ def federation_status(config: FederationConfig, *, user: str, password: str) -> 
         "sites_listening": [
             site for site in topology.sites if by_name[topology.site_queue(site)]["consumers"]
         ],
-        "dead_letters": dead_count,
-        "dead_letter_reasons": [
-            dead_letter_reason(m["properties"].get("headers", {})) for m in dead
-        ],
-        "last_event": _summary(events[-1]["properties"]) if events else None,
-    }
-
-
-def _summary(properties: dict[str, Any]) -> dict[str, Any]:
-    headers = properties.get("headers", {})
-    return {
-        "type": properties.get("type"),
-        "job": headers.get("job"),
-        "round": headers.get("round"),
-        "hop": headers.get("hop"),
-        "sender": headers.get("sender"),
+        "dead_letters": by_name[topology.dead_queue]["ready"],
     }
