@@ -29,7 +29,6 @@ from relay.envelope import (
     EnsembleMemberEnvelope,
     Envelope,
     EnvelopeBase,
-    EventEnvelope,
     JobSpecEnvelope,
     LineageEnvelope,
     MetricsEnvelope,
@@ -38,7 +37,7 @@ from relay.envelope import (
     UpdateEnvelope,
 )
 from relay.errors import ConfigError, EnvelopeError
-from relay.jobspec import DEFAULT_CHUNK_SIZE, Algorithm, JobSpec
+from relay.jobspec import Algorithm, JobSpec
 from relay.lineage import model_digest
 from relay.messaging import Received, check_chunking
 from relay.privacy import epsilon, privatize, release_key, releases, site_secret
@@ -241,13 +240,23 @@ class SiteNode(Endpoint):
                 detail = self.describe()
             except Exception as e:  # a probe must never stop the node: say what failed
                 detail["error"] = f"{type(e).__name__}: {e}"[:4000]
+        self.emit("preflight", job_id=probe.job_id, facts=detail)
+
+    def _publish(
+        self,
+        job: JobSpec,
+        make: Callable[..., EnvelopeBase],
+        payload: bytes | Encoding = b"",
+        **fields: object,
+    ) -> None:
+        """Send one of ``job``'s messages, in its chunk size."""
         self.outbox.send(
-            EventEnvelope,
-            chunk_size=DEFAULT_CHUNK_SIZE,  # no payload: one message
-            job_id=probe.job_id,
-            recipient=EVENTS,
-            event="preflight",
-            detail=detail,
+            make,
+            payload,
+            chunk_size=job.chunk_size,
+            job_id=job.job_id,
+            algorithm=job.algorithm,
+            **fields,
         )
 
     def _check_spec(self, spec: JobSpec, envelope: JobSpecEnvelope) -> None:
@@ -300,11 +309,9 @@ class SiteNode(Endpoint):
         hop: int,
         recipient: str = EVENTS,
     ) -> None:
-        self.outbox.send(
+        self._publish(
+            job,
             MetricsEnvelope,
-            chunk_size=job.chunk_size,
-            job_id=job.job_id,
-            algorithm=job.algorithm,
             recipient=recipient,
             round=round,
             hop=hop,
@@ -437,11 +444,9 @@ class SiteNode(Endpoint):
         sends.append((make, where))
         # The step goes on record before the model leaves: the aggregator has every step of
         # a model's history by the time the model reaches it.
-        self.outbox.send(
+        self._publish(
+            job,
             LineageEnvelope,
-            chunk_size=job.chunk_size,
-            job_id=job.job_id,
-            algorithm=job.algorithm,
             recipient=AGGREGATOR,
             round=round,
             hop=hop,
@@ -453,14 +458,7 @@ class SiteNode(Endpoint):
             metrics={k: v for k, v in trained.items() if math.isfinite(v)},
         )
         for kind, fields in sends:
-            self.outbox.send(
-                kind,
-                Encoding(weights),
-                chunk_size=job.chunk_size,
-                job_id=job.job_id,
-                algorithm=job.algorithm,
-                **fields,
-            )
+            self._publish(job, kind, Encoding(weights), **fields)
         log.info(
             "site %s: %s round %d hop %d trained and sent", self.name, job.algorithm, round, hop
         )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -164,10 +164,18 @@ class Endpoint(ABC):
         )
 
     def emit(
-        self, event: str, *, job_id: str = "", algorithm: Algorithm | None = None, **detail: Detail
+        self,
+        event: str,
+        *,
+        job_id: str = "",
+        algorithm: Algorithm | None = None,
+        facts: Mapping[str, Detail] | None = None,
+        **detail: Detail,
     ) -> None:
-        """Publish an event for whoever watches (``events.<event>``). Events are for people:
-        failing to publish one is logged and never stops the work."""
+        """Publish an event for whoever watches (``events.<event>``), its detail ``facts``
+        and the keywords. Events are for people: failing to publish one is logged and never
+        stops the work."""
+        detail = {**(facts or {}), **detail}
         try:
             self.outbox.send(
                 EventEnvelope,

@@ -39,6 +39,22 @@ def api(method: str, path: str, body: Any = None) -> Any:
         ) from e
 
 
+def federation_header(federation: str, root: Path, broker: TestBroker) -> list[str]:
+    """The start of a federation file on ``broker``: [broker] and [aggregator], spooled and
+    written under ``root``; the caller adds the sites."""
+    return [
+        f'federation = "{federation}"',
+        "[broker]",
+        f'host = "{HOST}"',
+        f'vhost = "{broker.vhost}"',
+        "heartbeat_s = 10",
+        "[aggregator]",
+        f'password = "{PASSWORD}"',
+        f'spool = "{root / "spool" / "aggregator"}"',
+        f'output = "{root / "results"}"',
+    ]
+
+
 class TestBroker:
     """One fresh vhost; connections as any user name, each a real broker user."""
 

@@ -18,7 +18,7 @@ import pytest
 
 from node.simulate import Federation, SimulationConfig
 from relay.workflows.state import Status
-from tests.broker import HOST, PASSWORD, SecondBroker, TestBroker, free_port
+from tests.broker import PASSWORD, SecondBroker, TestBroker, federation_header, free_port
 
 FEDRELAY = str(Path(sys.executable).parent / "fedrelay")
 SITES = ("site-1", "site-2", "site-3")
@@ -86,17 +86,7 @@ class Deployment:
 def write_config(root: Path, broker: TestBroker) -> Path:
     for party in ("aggregator", *SITES):
         broker.settings(party)  # creates the broker user
-    lines = [
-        'federation = "deploy"',
-        "[broker]",
-        f'host = "{HOST}"',
-        f'vhost = "{broker.vhost}"',
-        "heartbeat_s = 10",
-        "[aggregator]",
-        f'password = "{PASSWORD}"',
-        f'spool = "{root / "spool" / "aggregator"}"',
-        f'output = "{root / "results"}"',
-    ]
+    lines = federation_header("deploy", root, broker)
     for index, site in enumerate(SITES):
         lines += [
             f"[sites.{site}]",

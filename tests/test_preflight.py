@@ -25,7 +25,7 @@ from relay.messaging import Outbox
 from relay.security import Security, generate
 from relay.topology import Topology
 from relay.transport.memory import MemoryBroker, MemoryTransport
-from tests.broker import HOST, PASSWORD, TestBroker
+from tests.broker import PASSWORD, TestBroker, federation_header
 from tests.test_data import write_msd
 
 FEDRELAY = str(Path(sys.executable).parent / "fedrelay")
@@ -50,17 +50,7 @@ class Federation:
 
 
 def federation_file(root: Path, broker: TestBroker, *, site_1_data: list[str] | None) -> str:
-    lines = [
-        'federation = "preflight"',
-        "[broker]",
-        f'host = "{HOST}"',
-        f'vhost = "{broker.vhost}"',
-        "heartbeat_s = 10",
-        "[aggregator]",
-        f'password = "{PASSWORD}"',
-        f'spool = "{root / "spool" / "aggregator"}"',
-        f'output = "{root / "results"}"',
-    ]
+    lines = federation_header("preflight", root, broker)
     for index, site in enumerate(SITES):
         password = "wrong-password" if site == LOCKED_OUT else PASSWORD
         data = [

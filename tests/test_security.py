@@ -247,6 +247,14 @@ def _publish_raw(transport: AmqpTransport, key: str, exchange: str, user_id: str
     transport.publish(key, message, exchange=exchange)
 
 
+def assert_refused(who: str, attempts: dict[str, Callable[[], object]]) -> None:
+    """Each attempt is refused by the broker (AccessRefused)."""
+    for what, attempt in attempts.items():
+        with pytest.raises(AccessRefused):
+            attempt()
+            pytest.fail(f"{who} was allowed {what}")
+
+
 def test_provisioned_users_have_only_the_rights_they_need(
     tmp_path: Path, imported: list[Path]
 ) -> None:
@@ -275,10 +283,7 @@ def test_provisioned_users_have_only_the_rights_they_need(
             ),
             "declaring the topology": lambda: site_1.declare(topology),
         }
-        for what, attempt in refusals.items():
-            with pytest.raises(AccessRefused):
-                attempt()
-                pytest.fail(f"site-1 was allowed {what}")
+        assert_refused("site-1", refusals)
     finally:
         site_1.close()
     # Deleting is refused too (the transport has no delete: the operator's tools do it).
@@ -327,10 +332,7 @@ def test_provisioned_users_have_only_the_rights_they_need(
             ),
             "declaring the topology": lambda: operator.declare(topology),
         }
-        for what, attempt in operator_refusals.items():
-            with pytest.raises(AccessRefused):
-                attempt()
-                pytest.fail(f"the operator was allowed {what}")
+        assert_refused("the operator", operator_refusals)
     finally:
         operator.close()
     # Its management tag lets it list the dead letters itself, through the HTTP API.

@@ -165,7 +165,7 @@ class Coordinator(Endpoint):
         return job
 
     def _announce(self, job: JobState, event: str, **detail: Detail) -> None:
-        self.emit(event, job_id=job.spec.job_id, algorithm=job.spec.algorithm, **detail)
+        self.emit(event, job_id=job.spec.job_id, algorithm=job.spec.algorithm, facts=detail)
 
     def _record_step(
         self, job: JobState, step: Step, inputs: list[str], output: str, **fields: Any
