@@ -28,11 +28,13 @@ from rich.table import Table
 from node.audit import audit, find_roster
 from node.config import FederationConfig
 from node.config import load as load_config
+from node.jobreport import job_file, job_result, load_job, read_job_events
 from node.models import initial_weights
 from node.operate import federation_status, send_command, submit_job, wait_for_job
 from node.options import JobOptions
 from node.process import aggregator, serve, site_node, stop_on_signals
 from node.provision import OPERATOR, provision
+from node.report import Context as ReportContext
 from node.report import load_results, write_report
 from node.results import MODEL_FILE
 from node.simulate import RESULTS_FILE, SimulationConfig, SimulationResult, simulate
@@ -348,8 +350,28 @@ def topology_declare(config_path: Path) -> None:
     click.echo(f"declared federation {config.federation!r} on vhost {config.broker.vhost!r}")
 
 
+as_party_option = click.option(
+    "--as",
+    "party",
+    default=AGGREGATOR,
+    show_default=True,
+    help="Read the events log as this party of the file (it needs the log's read right: "
+    "provisioned kits give it to the aggregator).",
+)
+
+
 @main.command("report")
 @click.argument("results", type=click.Path(path_type=Path, exists=True))
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    default=None,
+    help="A deployed job's federation file: adds the per-round Dice, time per hop and "
+    "privacy spent from the federation's events log.",
+)
+@as_party_option
 @click.option(
     "-o",
     "--output",
@@ -357,14 +379,52 @@ def topology_declare(config_path: Path) -> None:
     default=None,
     help="Folder for report.md and its PNGs  [default: report/ beside the results]",
 )
-def report_command(results: Path, output: Path | None) -> None:
-    """Write a markdown report with plots from a results.json (or its folder)."""
+def report_command(
+    results: Path, config_path: Path | None, party: str, output: Path | None
+) -> None:
+    """Write a markdown report with plots from a simulation's results.json, or a deployed
+    job's folder (<the aggregator's output>/<job id>) or its job.json."""
     try:
-        result = load_results(results)
+        file = job_file(results)
+        if file is None:
+            if config_path is not None:
+                click.echo("-c ignored: a simulation's results.json holds its history", err=True)
+            result, context = load_results(results), None
+        else:
+            result, context = _deployed_result(file, config_path, party)
         folder = output or (results if results.is_dir() else results.parent) / "report"
-        click.echo(write_report(result, folder))
+        click.echo(write_report(result, folder, context=context))
     except FedrelayError as e:
         raise click.ClickException(str(e)) from e
+
+
+def _deployed_result(
+    file: Path, config_path: Path | None, party: str
+) -> tuple[SimulationResult, ReportContext]:
+    """A deployed job's results, with its events if ``config_path`` is given and its events
+    log can be read (if not, a warning, and the report says so)."""
+    record = load_job(file)
+    if config_path is None:
+        return job_result(record, None, source=str(file))
+    config = _load(config_path)
+    if record.job.federation != config.federation:
+        raise ConfigError(
+            f"{file}: job {record.job.job_id} ran in federation {record.job.federation!r}, "
+            f"but {config_path} is federation {config.federation!r}'s file; give its own"
+        )
+    log_queue = config.topology().log_queue
+    source = f"{file} and the events log {log_queue} (read as {party!r})"
+    try:
+        read, jobs, transport = _events_reader(config, party)
+        try:
+            events = read_job_events(read, record.job.job_id, security=jobs.security)
+        finally:
+            transport.close()
+    except FedrelayError as e:
+        unread = f"the events log {log_queue} could not be read as {party!r}: {e}"
+        click.echo(f"warning: {unread}; the report has no per-round curves", err=True)
+        return job_result(record, None, source=str(file), unread=unread)
+    return job_result(record, events, source=source)
 
 
 @main.group("lineage")
@@ -526,14 +586,17 @@ def job_submit(config_path: Path, wait: bool, job_id: str | None, **options: Any
         raise click.ClickException(str(e)) from e
 
 
-as_party_option = click.option(
-    "--as",
-    "party",
-    default=AGGREGATOR,
-    show_default=True,
-    help="Read the events log as this party of the file (it needs the log's read right: "
-    "provisioned kits give it to the aggregator).",
-)
+def management_options(user_help: str) -> Callable[[F], F]:
+    """``--user`` and ``--password`` of the management API (a monitoring user)."""
+    user = click.option("--user", default="guest", show_default=True, help=user_help)
+    password = click.option(
+        "--password", default="guest", envvar="FEDRELAY_MONITOR_PASSWORD", show_default=True
+    )
+
+    def apply(command: F) -> F:
+        return user(password(command))
+
+    return apply
 
 
 def _events_reader(config: FederationConfig, party: str) -> tuple[ReadStream, Jobs, AmqpTransport]:
@@ -686,13 +749,7 @@ def watch_command(
 @main.command("status")
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option(
-    "--user",
-    default="guest",
-    show_default=True,
-    help="Management API user (needs the monitoring tag).",
-)
-@click.option("--password", default="guest", envvar="FEDRELAY_MONITOR_PASSWORD", show_default=True)
+@management_options("Management API user (needs the monitoring tag).")
 @as_party_option
 @click.option("--jobs", "job_count", default=3, show_default=True, help="Newest jobs to show.")
 def status_command(
@@ -762,13 +819,9 @@ def status_command(
     help="Seconds to wait for the sites' answers (federation-wide).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option(
-    "--user",
-    default="guest",
-    show_default=True,
-    help="Management API user, to see which sites' queues have a consumer (federation-wide).",
+@management_options(
+    "Management API user, to see which sites' queues have a consumer (federation-wide)."
 )
-@click.option("--password", default="guest", envvar="FEDRELAY_MONITOR_PASSWORD", show_default=True)
 def preflight_command(
     *,
     config_path: Path,
@@ -812,17 +865,9 @@ def dead() -> None:
     file. Reading the dead-letter queue takes every message and gives all back in order."""
 
 
-def _management_login(command: F) -> F:
-    """``--user``/``--password`` for the management API, as ``status`` takes them."""
-    command = click.option(
-        "--password", default="guest", envvar="FEDRELAY_MONITOR_PASSWORD", show_default=True
-    )(command)
-    return click.option(
-        "--user",
-        default="guest",
-        show_default=True,
-        help="Management API user: the federation's monitoring or operator user.",
-    )(command)
+_management_login = management_options(
+    "Management API user: the federation's monitoring or operator user."
+)
 
 
 def _size(size: int) -> str:

@@ -16,7 +16,8 @@ round is one round's worth. Methods run at a matched budget therefore end at the
 - Ensemble: the members train apart; only the final output average is a model, one point.
 - Centralized / local only: their scores after each round (:mod:`node.baselines`).
 
-Every curve starts from the initial model's score on all sites and ends at the final score.
+Every curve starts from the initial model's score on all sites (where it is known: a deployed
+ring job's report lacks it) and ends at the final score.
 Scores are ones where higher is better (``dice_*``), as :meth:`Curve.settles_at` assumes.
 """
 
@@ -73,7 +74,9 @@ def federated_curve(result: SimulationResult, metric: str = "dice_mean") -> Curv
         for row in result.history
         if row.stage == "received" and metric in row.metrics
     }
-    points = [(0.0, result.initial_overall[metric])]
+    # A deployed ring job's initial model is scored by its first site only: no start point.
+    start = result.initial_overall.get(metric)
+    points = [] if start is None else [(0.0, start)]
     if job.algorithm is Algorithm.FEDAVG:
         for round in sorted({round for _, round, _ in arrivals} - {0}):
             rows = [row for (_, r, _), row in arrivals.items() if r == round]

@@ -91,14 +91,15 @@ class SimulationConfig(JobOptions):
 
 
 class SiteData(BaseModel):
-    """One simulated site's data set."""
+    """One site's data set: its cases and, for a simulated site, its phantom's scanner and
+    lesion knobs (None for a deployed site's own data, see :mod:`node.jobreport`)."""
 
     train_cases: int
     validation_cases: int
-    contrast: float
-    bias: float
-    noise: float
-    lesion_scale: float
+    contrast: float | None = None
+    bias: float | None = None
+    noise: float | None = None
+    lesion_scale: float | None = None
 
 
 class MetricsRow(BaseModel):

@@ -91,6 +91,18 @@ class JobView:
         self.notes = [*self.notes, text][-MAX_NOTES:]
 
 
+def authentic(message: Message, security: Security | None) -> Envelope:
+    """The envelope of an events-log message whose ``sender`` is the broker user that
+    published it and, given the roster (``security``), whose signature verifies;
+    InvalidInput otherwise."""
+    envelope, _ = decode_frame(message.body)
+    if envelope.sender != message.user_id:
+        raise InvalidInput(f"sender {envelope.sender!r} is not {message.user_id!r}")
+    if security is not None:
+        security.verify(to_wire(envelope), envelope.sender)
+    return envelope
+
+
 class Jobs:
     """Every job seen in the events, in the order they started.
 
@@ -108,11 +120,7 @@ class Jobs:
         """Fold one event message in; returns what happened (the event's name) and its job's
         view, or None if it was not used."""
         try:
-            envelope, _ = decode_frame(message.body)
-            if envelope.sender != message.user_id:
-                raise InvalidInput(f"sender {envelope.sender!r} is not {message.user_id!r}")
-            if self.security is not None:
-                self.security.verify(to_wire(envelope), envelope.sender)
+            envelope = authentic(message, self.security)
         except InvalidInput:
             self.ignored += 1
             return None
