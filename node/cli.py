@@ -637,12 +637,14 @@ def _job_command(config_path: Path, job_id: str, command: Command, reason: str, 
         transport = AmqpTransport(config.party_settings(AGGREGATOR))
         security = config.party_security(AGGREGATOR)
         try:
-            send_command(
+            request = send_command(
                 transport, config.topology(), job_id, command, reason=reason, security=security
             )
             click.echo(f"{command} sent for job {job_id}")
             ended = (
-                wait_for_job(transport, config.topology(), job_id, security=security)
+                wait_for_job(
+                    transport, config.topology(), job_id, security=security, request=request
+                )
                 if wait
                 else None
             )

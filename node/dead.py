@@ -623,6 +623,15 @@ def _route(selection: Selection, topology: Topology) -> tuple[str, str]:
             f"site's or aggregator's inbox in federation {topology.federation!r} (sites: "
             f"{', '.join(topology.sites)}); only those are replayed to"
         )
+    if named.refused_by_party and topology.queue_of(named.refused_by) != named.queue:
+        # The refusing party's user_id is the broker's word; the headers are the publisher's.
+        # A party may dead-letter only from its own inbox: anything else was forged into the
+        # dead letters, to have the operator's impersonation deliver it.
+        raise DeadLetterError(
+            f"message {named.message_id} says it was refused from {named.queue!r} but was "
+            f"dead-lettered by {named.refused_by!r}, whose inbox that is not: its headers are "
+            "forged, and it is not replayed"
+        )
     if named.queue != topology.queue_of(envelope.recipient):
         raise DeadLetterError(
             f"message {named.message_id} is addressed to {envelope.recipient!r} but was refused "

@@ -17,6 +17,7 @@ from relay.envelope import (
     AGGREGATOR,
     Command,
     ControlEnvelope,
+    EventEnvelope,
     JobSpecEnvelope,
     ModelEnvelope,
     to_wire,
@@ -60,11 +61,12 @@ def send_command(
     *,
     reason: str = "",
     security: Security | None = None,
-) -> None:
+) -> str:
     """Ask the aggregator to cancel or resume job ``job_id`` (as the aggregator's user, signed
-    with its key where the federation is provisioned). The aggregator refuses, into the dead
-    letters with the reason, a job it does not know or one in the wrong state for it."""
-    Outbox(transport, topology, sender=AGGREGATOR, security=security).send(
+    with its key where the federation is provisioned); returns the request's message id. The
+    aggregator refuses, into the dead letters with the reason, a job it does not know or one
+    in the wrong state for it."""
+    sent = Outbox(transport, topology, sender=AGGREGATOR, security=security).send(
         ControlEnvelope,
         chunk_size=MAX_CHUNK_SIZE,
         job_id=job_id,
@@ -73,6 +75,7 @@ def send_command(
         command=command,
         reason=reason,
     )
+    return sent.message_id
 
 
 def wait_for_job(
@@ -82,11 +85,15 @@ def wait_for_job(
     *,
     timeout_s: float = 7 * 24 * 3600,
     security: Security | None = None,
+    request: str | None = None,
 ) -> ControlEnvelope:
     """Follow the events queue until job ``job_id`` is done or failed; return that event.
 
     Only the aggregator ends a job: an end event from anyone else (any site may publish
-    events), or, with ``security``, one not signed by the aggregator, is ignored. It consumes
+    events), or, with ``security``, one not signed by the aggregator, is ignored. With
+    ``request`` (a resume's message id), end events before the aggregator announced that it
+    resumed the job are the stopped job's and are skipped; its refusal of the request ends
+    the wait with JobFailed. It consumes
     the events it reads (the events queue is for one watcher at a time).
     """
     deadline = time.monotonic() + timeout_s
@@ -103,7 +110,14 @@ def wait_for_job(
                 security.verify(to_wire(envelope), envelope.sender)
         except InvalidInput:
             continue
-        if isinstance(envelope, ControlEnvelope) and envelope.job_id == job_id:
+        if envelope.job_id != job_id:
+            continue
+        if request is not None and isinstance(envelope, EventEnvelope):
+            if envelope.detail.get("request") == request and envelope.event == "job_resumed":
+                request = None  # the end events from here on are the resumed job's
+            elif envelope.detail.get("message_id") == request and envelope.event == "rejected":
+                raise JobFailed(f"the aggregator refused the request: {envelope.detail['reason']}")
+        elif request is None and isinstance(envelope, ControlEnvelope):
             return envelope
     raise JobFailed(f"job {job_id} did not end within {timeout_s:g} s")
 

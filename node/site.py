@@ -416,16 +416,20 @@ class SiteNode(Endpoint):
                 # loss does not): scores of the model as sent, and the privacy now spent.
                 key = release_key(self._secret(), job_id=job.job_id, round=round, hop=hop)
                 weights = privatize(received, weights, job.privacy, key=key)
-                spent = epsilon(releases(job, round=at), job.privacy)
+                # A resumed FedAvg or ensemble job may have this site release a round again,
+                # with fresh noise: counted as one more release each time (an upper bound).
+                again = 0 if job.algorithm.is_ring else hop
+                spent = epsilon(releases(job, round=at) + again, job.privacy)
                 trained = algo.evaluate([weights]).as_dict() | {"epsilon": spent}
             self._metrics(job, "trained", trained, round=at, hop=hop)
         make: Callable[..., EnvelopeBase]
         if job.algorithm is Algorithm.FEDAVG:
             make = UpdateEnvelope
-            where: dict[str, object] = {"recipient": AGGREGATOR, "round": round}
+            # hop: which of the job's resumptions this update answers (0 until resumed).
+            where: dict[str, object] = {"recipient": AGGREGATOR, "round": round, "hop": hop}
         elif job.algorithm is Algorithm.ENSEMBLE:
             make = EnsembleMemberEnvelope
-            where = {"recipient": AGGREGATOR}
+            where = {"recipient": AGGREGATOR, "hop": hop}
         else:
             stop = next_stop(job, self.name, round=round)
             make = ModelEnvelope

@@ -9,6 +9,7 @@ consuming it. :class:`Jobs` folds them into one view per job.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -115,6 +116,8 @@ class Jobs:
         self.security = security
         self.views: dict[str, JobView] = {}
         self.ignored = 0
+        self.newest = 0.0
+        """When the newest event folded in was made (its sender's clock)."""
 
     def add(self, message: Message) -> tuple[str, JobView] | None:
         """Fold one event message in; returns what happened (the event's name) and its job's
@@ -124,6 +127,7 @@ class Jobs:
         except InvalidInput:
             self.ignored += 1
             return None
+        self.newest = max(self.newest, envelope.created_at)
         view = self._fold(envelope)
         return None if view is None else (_name(envelope), view)
 
@@ -158,7 +162,8 @@ class Jobs:
             part.dice_mean = envelope.metrics.get("dice_mean", part.dice_mean)
             view.round, view.hop = max(view.round, envelope.round), envelope.hop
         elif isinstance(envelope, ControlEnvelope) and from_aggregator:
-            view.status = "done" if envelope.command == "job_done" else "failed"
+            if not view.finished:  # job_finished, just before, said which end it was
+                view.status = "done" if envelope.command == "job_done" else "failed"
             view.reason = envelope.reason or view.reason
         elif isinstance(envelope, EventEnvelope):
             self._event(view, envelope, from_aggregator=from_aggregator)
@@ -190,9 +195,13 @@ class Jobs:
             view.reason = str(detail.get("reason") or "")
             dice = detail.get("dice_mean")
             view.dice_mean = float(dice) if isinstance(dice, int | float) else None
-        elif name in ("job_cancelled", "job_resumed"):
-            view.status = "cancelled" if name == "job_cancelled" else "running"
-            view.note(f"{name.removeprefix('job_')}: {detail.get('reason', '')}")
+        elif name == "job_cancelled":
+            view.status = "cancelled"
+            view.note(f"cancelled: {detail.get('reason', '')}")
+        elif name == "job_resumed":
+            if view.finished:  # resumed by the operator (else: the aggregator restarted)
+                view.status, view.reason = "running", ""
+            view.note(f"resumed: {detail.get('reason', '')}")
 
     def latest(self) -> JobView | None:
         """The job that started last."""
@@ -221,12 +230,20 @@ Changed = Callable[[str, JobView], None]
 """Told what happened (an event's name) and the job's view after it."""
 
 
+CAUGHT_UP_S = 2.0
+"""An event made this long after a snapshot began is live: the snapshot has caught up (the
+allowance is for clocks that differ between machines)."""
+
+
 def snapshot(read: ReadStream, jobs: Jobs, *, idle_s: float = 1.0) -> str | int:
-    """Fold every event in the log so far into ``jobs``; returns where the log goes on."""
+    """Fold every event in the log so far into ``jobs``; returns where the log goes on. It
+    stops once the log is idle for ``idle_s`` or an event made after it began arrives, so a
+    busy federation's log does not keep it reading."""
+    began = time.time()
 
     def add(message: Message, _offset: int) -> bool:
         jobs.add(message)
-        return False
+        return jobs.newest > began + CAUGHT_UP_S
 
     return read(add, "first", idle_s)
 

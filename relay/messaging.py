@@ -28,6 +28,7 @@ from relay.envelope import (
     Envelope,
     EnvelopeBase,
     EventEnvelope,
+    LineageEnvelope,
     ModelEnvelope,
     Task,
     to_wire,
@@ -237,6 +238,8 @@ def dedup_key(envelope: Envelope) -> str:
     # Sealed afresh, a message sent again has other ciphertext: the plaintext's MAC says it
     # is the same (and every chunk carries it).
     content = envelope.sealed.plaintext_mac if envelope.sealed else envelope.payload_digest
+    if isinstance(envelope, LineageEnvelope):
+        content = envelope.output  # no payload: the step is the model it made
     parts = (
         envelope.job_id,
         envelope.kind,

@@ -11,11 +11,12 @@ import torch
 
 from node.algo import SiteAlgo
 from node.models import initial_weights
+from node.operate import send_command
 from node.simulate import Federation, SimulationConfig
 from node.site import AlgoFactory, SiteNode
 from relay.codec import digest, encode
 from relay.endpoint import Endpoint
-from relay.envelope import ModelEnvelope, UpdateEnvelope, to_wire
+from relay.envelope import AGGREGATOR, Command, ModelEnvelope, UpdateEnvelope, to_wire
 from relay.frame import encode_frame, headers_of
 from relay.jobspec import Algorithm, JobSpec
 from relay.messaging import sign
@@ -467,3 +468,38 @@ def test_fedavg_with_server_momentum_moves_past_the_plain_average(
     assert moved.velocity and not plain.velocity
     name = next(n for n, t in moved.reference.items() if t.is_floating_point())
     assert not torch.equal(moved.reference[name], plain.reference[name])
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "ensemble"])
+def test_a_job_cancelled_in_its_first_round_resumes_and_completes(
+    algorithm: str, build: type[Federation]
+) -> None:
+    # Retrained from the same model with the same seed, a site sends the very update it sent
+    # before the cancel: the resumed job must still take it.
+    cfg = config(algorithm, rounds=1, local_epochs=1)
+    federation = build.build(cfg)
+    job = cfg.job()
+    coordinator, sites = federation.coordinator, federation.sites
+    state = coordinator.submit(job, initial_weights(job.model, seed=job.seed))
+    drain(sites[0])
+    drain(sites[1])
+    drain(coordinator)
+    assert len(state.contributors) == 2
+    operator = federation.connect(AGGREGATOR)  # what `fedrelay job cancel/resume` does
+    security = federation.security[AGGREGATOR]
+    topology = federation.topology
+    send_command(operator, topology, job.job_id, Command.CANCEL, security=security)
+    drain(coordinator)
+    assert state.status is Status.CANCELLED
+    for site in sites:
+        drain(site)
+    drain(coordinator)  # site-3's update, trained before it heard of the cancel: late
+    assert state.status is Status.CANCELLED and state.late
+    send_command(operator, topology, job.job_id, Command.RESUME, security=security)
+    assert coordinator.poll(timeout=5) and state.status is Status.RUNNING
+    run_until([coordinator, *sites], lambda: state.finished)
+    assert state.status is Status.DONE, state.reason
+    assert state.resumes == 1
+    assert len(state.rounds) == 1 and not state.rounds[0].missing
+    assert coordinator.rejected == []
+    operator.close()

@@ -69,6 +69,11 @@ OPERATOR_COMMANDS = (Command.CANCEL, Command.RESUME)
 """What the operator may ask of the aggregator about a job it runs."""
 
 
+def _closed(job: JobState) -> bool:
+    """The lineage has its final step: later steps are not part of it."""
+    return any(record.get("step") == "final" for record in job.lineage)
+
+
 class Coordinator(Endpoint):
     """The aggregator process's logic, for all four workflows."""
 
@@ -241,6 +246,7 @@ class Coordinator(Endpoint):
         job.deadline = now + job.spec.round_timeout_s * budget
         job.dirty |= {"state", "reference", "velocity", "mean", "members"}
         self._announce(job, "round_opened", round=round)
+        self.acted()  # saved before the round's model goes out: a restart re-sends it
         self._send_round(job, payload, job.spec.sites)
 
     def _send_round(self, job: JobState, payload: bytes | bytearray, sites: Sequence[str]) -> None:
@@ -323,19 +329,19 @@ class Coordinator(Endpoint):
             )
         if not job.reference:
             raise EnvelopeError(f"resume: job {job.spec.job_id} has no saved model to resume")
-        return lambda: self._resume_job(job, why)
+        return lambda: self._resume_job(job, why, request=envelope.message_id)
 
     def _cancel(self, job: JobState, reason: str) -> None:
         log.warning("job %s cancelled by the operator: %s", job.spec.job_id, reason)
         self._announce(job, "job_cancelled", round=job.round, reason=reason)
         self._finish(job, Status.CANCELLED, f"cancelled by the operator: {reason}")
 
-    def _resume_job(self, job: JobState, reason: str) -> None:
+    def _resume_job(self, job: JobState, reason: str, *, request: str) -> None:
         """Run a failed or cancelled job on, from the start of the round it stopped in."""
         job.resumes += 1
         job.status, job.reason = Status.RUNNING, ""
         log.warning("job %s resumed in round %d: %s", job.spec.job_id, job.round, reason)
-        self._announce(job, "job_resumed", round=job.round, reason=reason)
+        self._announce(job, "job_resumed", round=job.round, reason=reason, request=request)
         self._send_spec(job)  # sites forgot the job when it stopped
         if job.final:  # it stopped while the sites scored the final model
             self._evaluate(job, job.final, job.final_sites)
@@ -380,9 +386,11 @@ class Coordinator(Endpoint):
             return None
 
         def applied() -> None:
-            action()
+            # Marked first: a state saved while acting (before its messages go out) must
+            # already say this message is in it.
             job.applied.add(envelope.message_id)
             job.dirty.add("state")
+            action()
 
         return applied
 
@@ -400,13 +408,15 @@ class Coordinator(Endpoint):
             if (
                 job.status is not Status.RUNNING
                 or envelope.round != job.round
+                or envelope.hop != job.resumes
                 or envelope.sender in job.contributors
             ):
-                why = (
-                    "a second one from this site"
-                    if envelope.round == job.round and job.status is Status.RUNNING
-                    else f"the job was {job.status} in round {job.round}"
-                )
+                if envelope.hop != job.resumes:
+                    why = f"the job had been resumed since (resumption {job.resumes})"
+                elif envelope.round == job.round and job.status is Status.RUNNING:
+                    why = "a second one from this site"
+                else:
+                    why = f"the job was {job.status} in round {job.round}"
                 note = (
                     f"{envelope.kind} from {envelope.sender} for round {envelope.round} "
                     f"arrived when {why}; not used"
@@ -433,6 +443,14 @@ class Coordinator(Endpoint):
             if envelope.step != "train":
                 raise EnvelopeError(
                     f"lineage.step: a site records train steps, not {envelope.step}"
+                )
+            made = {record["output"] for record in job.lineage}
+            unknown = [d[:12] for d in envelope.inputs if d not in made]
+            if unknown:
+                # Steps arrive in causal order (a site records its step before its model
+                # leaves): one from a model no step made is broken or forged.
+                raise EnvelopeError(
+                    f"lineage.inputs: {unknown} were made by no step of job {job.spec.job_id}"
                 )
             return lambda: self._record_site_step(job, envelope)
         if isinstance(envelope, MetricsEnvelope) and envelope.stage == "refused":
@@ -463,7 +481,7 @@ class Coordinator(Endpoint):
         raise EnvelopeError(f"envelope.kind: the aggregator does not accept {envelope.kind} here")
 
     def _record_site_step(self, job: JobState, envelope: LineageEnvelope) -> None:
-        if job.final:
+        if _closed(job):
             # After the final step the lineage is closed; a straggler's step is noted only.
             self._record_late(
                 job,
@@ -559,11 +577,12 @@ class Coordinator(Endpoint):
         job.final, job.final_sites = models, sites
         job.deadline = self.clock() + job.spec.round_timeout_s
         job.dirty |= {"state", "final"}
-        if not any(record.get("step") == "final" for record in job.lineage):
+        if not _closed(job):
             whole = bundle(models) if len(models) > 1 else models[0]
             inputs = [model_digest(m) for m in models]
             self._record_step(job, "final", inputs, model_digest(whole))
         self._announce(job, "evaluating", members=len(models))
+        self.acted()
         self._send_final(job, job.spec.sites)
 
     def _send_final(self, job: JobState, sites: Sequence[str]) -> None:
@@ -591,15 +610,18 @@ class Coordinator(Endpoint):
     def _finish(self, job: JobState, status: Status, reason: str) -> None:
         job.status, job.reason, job.deadline = status, reason, None
         job.dirty.add("state")
+        # The results first, then the state (a done job's saved models are dropped), then
+        # the messages: a crash in between finishes the job again from the journal.
+        if self.on_finish is not None:
+            self.on_finish(job)
+        self.acted()
         command = Command.JOB_DONE if status is Status.DONE else Command.JOB_FAILED
         if status is not Status.DONE:
-            log.error("job %s failed: %s", job.spec.job_id, reason)
+            log.error("job %s %s: %s", job.spec.job_id, status, reason)
             for site in job.spec.sites:  # so that no site keeps the job's state
                 self._send(
                     job, ControlEnvelope, b"", recipient=site, command=Command.CANCEL, reason=reason
                 )
-        if self.on_finish is not None:
-            self.on_finish(job)
         cases = sum(job.final_counts.get(site, 0) for site in job.final_metrics)
         dice = sum(
             m.get("dice_mean", 0.0) * job.final_counts.get(site, 0)

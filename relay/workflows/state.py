@@ -88,6 +88,10 @@ class JobState:
     """Times the operator resumed it after it failed or was cancelled."""
     applied: set[str] = field(default_factory=set)
     """Ids of the messages already applied to this state (a restart must not apply twice)."""
+    generation: int = 0
+    """How many times its state was saved; names the model files of each save."""
+    files: dict[str, str] = field(default_factory=dict)
+    """The saved model files of the state last saved, by part."""
     dirty: set[str] = field(default_factory=set)
     """What changed since the state was last saved: ``state``, or a model part's name."""
 

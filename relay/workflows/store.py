@@ -3,9 +3,11 @@
 One folder per job under the spool's ``jobs/``: ``state.json`` (the spec, status, round,
 contributors, records, and the ids of the messages already applied) and one safetensors file
 per model it holds (the global model, FedAvgM's velocity, the round's running sum, robust
-aggregation's or an ensemble's members, the final model). Tensor files are written first,
-``state.json`` last, each atomically: a crash between leaves the previous ``state.json``,
-and the journal's unfinished message is applied again from there.
+aggregation's or an ensemble's members, the final model). A model file is never overwritten:
+each save writes changed models under a new generation's name, then ``state.json`` (which
+names the files it goes with) atomically, and only then deletes the files it no longer names.
+A crash anywhere leaves a ``state.json`` whose files are all there and all its own; the
+journal's unfinished message is then applied again from it.
 """
 
 from __future__ import annotations
@@ -41,18 +43,24 @@ class JobStore:
         self.directory.mkdir(parents=True, exist_ok=True)
 
     def save(self, job: JobState) -> None:
-        """Write what changed since the last save (``job.dirty``), then the state."""
+        """Write the models that changed since the last save (``job.dirty``) as new files,
+        then the state naming them, then delete the files it no longer names."""
         folder = self.directory / job.spec.job_id
         folder.mkdir(exist_ok=True)
         order = list(job.reference)
+        job.generation += 1
+        if job.status is Status.DONE:  # nothing to resume: keep the record, not the models
+            job.files = {}
         for part in PARTS:
-            if part in job.dirty:
-                _write(folder / f"{part}.safetensors", _tensors(job, part))
+            if part in job.dirty and job.status is not Status.DONE:
+                name = f"{part}.{job.generation}.safetensors"
+                _write(folder / name, _tensors(job, part))
+                job.files[part] = name
         replace_file(folder / STATE_FILE, json.dumps(_record(job, order)).encode())
         job.dirty.clear()
-        if job.status is Status.DONE:  # nothing to resume: keep the record, not the models
-            for part in PARTS:
-                (folder / f"{part}.safetensors").unlink(missing_ok=True)
+        for path in folder.glob("*.safetensors"):
+            if path.name not in job.files.values():
+                path.unlink()
 
     def load(self) -> list[JobState]:
         """Every job saved, oldest first."""
@@ -85,11 +93,10 @@ def _write(path: Path, tensors: StateDict) -> None:
     replace_file(path, save({k: v.detach().contiguous().clone() for k, v in tensors.items()}))
 
 
-def _read(folder: Path, part: str, order: list[str]) -> StateDict:
-    path = folder / f"{part}.safetensors"
-    if not path.exists():
+def _read(folder: Path, files: dict[str, str], part: str, order: list[str]) -> StateDict:
+    if part not in files:
         return {}
-    tensors = load(path.read_bytes())
+    tensors = load((folder / files[part]).read_bytes())
 
     def rank(key: str) -> tuple[str, int]:
         prefix, _, name = key.rpartition("/")
@@ -128,6 +135,8 @@ def _record(job: JobState, order: list[str]) -> dict[str, Any]:
         "late": job.late,
         "refused": [r.model_dump() for r in job.refused],
         "applied": sorted(job.applied),
+        "generation": job.generation,
+        "files": job.files,
         "lineage": job.lineage,
         "round_inputs": job.round_inputs,
     }
@@ -135,12 +144,13 @@ def _record(job: JobState, order: list[str]) -> dict[str, Any]:
 
 def _job(folder: Path, record: dict[str, Any]) -> JobState:
     order = list(record["order"])
-    means = _read(folder, "mean", order)
-    members = _split(_read(folder, "members", order))
-    finals = _split(_read(folder, "final", order))
+    files = dict(record["files"])
+    means = _read(folder, files, "mean", order)
+    members = _split(_read(folder, files, "members", order))
+    finals = _split(_read(folder, files, "final", order))
     job = JobState(
         JobSpec.model_validate(record["spec"]),
-        _read(folder, "reference", order),
+        _read(folder, files, "reference", order),
         status=Status(record["status"]),
         reason=record["reason"],
         round=record["round"],
@@ -149,7 +159,7 @@ def _job(folder: Path, record: dict[str, Any]) -> JobState:
         round_started=record["round_started"],
         deadline=record["deadline"],
         mean=WeightedMean.restored(means, record["mean"]) if means else WeightedMean(),
-        velocity=_read(folder, "velocity", order),
+        velocity=_read(folder, files, "velocity", order),
         contributors=record["contributors"],
         clipped=record["clipped"],
         members=members,
@@ -163,6 +173,8 @@ def _job(folder: Path, record: dict[str, Any]) -> JobState:
         applied=set(record["applied"]),
         lineage=record["lineage"],
         round_inputs=record["round_inputs"],
+        generation=record["generation"],
+        files=files,
     )
     if not job.reference and job.status is not Status.DONE:
         raise ValueError("the global model's file is missing")
