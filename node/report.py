@@ -85,6 +85,10 @@ def load_results(path: Path) -> SimulationResult:
         raise ConfigError(f"{e}; is it a results.json of this fedrelay version?") from e
 
 
+SLANTED = 5
+"""Past this many groups, bar labels are slanted so that neighbours do not overlap."""
+
+
 def _bars(path: Path, title: str, groups: dict[str, dict[str, float]], ylabel: str) -> None:
     """Grouped bars: one group per key of ``groups``, one bar per inner key (of any group)."""
     plt = pyplot()
@@ -97,10 +101,12 @@ def _bars(path: Path, title: str, groups: dict[str, dict[str, float]], ylabel: s
         xs = [g + i * width for g in range(len(groups))]
         axis.bar(xs, [values.get(name, 0.0) for values in groups.values()], width, label=name)
     crowded = len(groups) > CROWDED
+    slanted = not crowded and len(groups) > SLANTED  # long names such as model:evaluate
     axis.set_xticks(
         [g + 0.4 - width / 2 for g in range(len(groups))],
         list(groups),
-        rotation=90 if crowded else 0,
+        rotation=90 if crowded else 30 if slanted else 0,
+        ha="right" if slanted else "center",
         fontsize="x-small" if crowded else None,
     )
     axis.set_title(title)
