@@ -131,17 +131,7 @@ class JobEvents:
             self.started, self.finished, self.seen = envelope.created_at, None, 0
         self.seen += 1
         if isinstance(envelope, MetricsEnvelope) and envelope.recipient == EVENTS:
-            self.metrics.append(
-                MetricsEvent(
-                    envelope.job_id,
-                    envelope.sender,
-                    envelope.stage,
-                    envelope.round,
-                    envelope.hop,
-                    envelope.sample_count,
-                    dict(envelope.metrics),
-                )
-            )
+            self.metrics.append(MetricsEvent.of(envelope))
         elif isinstance(envelope, EventEnvelope):
             self._event(envelope)
 

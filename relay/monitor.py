@@ -30,6 +30,19 @@ class MetricsEvent:
     sample_count: int
     metrics: dict[str, float]
 
+    @classmethod
+    def of(cls, envelope: MetricsEnvelope) -> MetricsEvent:
+        """The measurement a metrics envelope carries."""
+        return cls(
+            envelope.job_id,
+            envelope.sender,
+            envelope.stage,
+            envelope.round,
+            envelope.hop,
+            envelope.sample_count,
+            dict(envelope.metrics),
+        )
+
 
 class Monitor(Endpoint):
     """Consumes the events queue; calls ``on_event`` for each event as it arrives."""
@@ -62,17 +75,7 @@ class Monitor(Endpoint):
 
     def _record(self, envelope: Envelope) -> None:
         if isinstance(envelope, MetricsEnvelope):
-            self.metrics.append(
-                MetricsEvent(
-                    envelope.job_id,
-                    envelope.sender,
-                    envelope.stage,
-                    envelope.round,
-                    envelope.hop,
-                    envelope.sample_count,
-                    dict(envelope.metrics),
-                )
-            )
+            self.metrics.append(MetricsEvent.of(envelope))
         elif isinstance(envelope, ControlEnvelope):
             self.control.append(envelope)
         if self.on_event is not None:
