@@ -682,7 +682,7 @@ def job_resume(config_path: Path, job_id: str, reason: str, wait: bool) -> None:
 
 @main.command("watch")
 @config_option
-@click.option("--job", "job_id", default=None, help="[default: the newest job, or the next]")
+@click.option("--job", "job_id", default=None, help="[default: the running job, or else the next]")
 @as_party_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON line per event: the job's view.")
 @click.option(

@@ -256,15 +256,18 @@ def follow(
     *,
     idle_timeout_s: float | None = None,
 ) -> JobView | None:
-    """Catch up on the log, then follow job ``job_id`` (or the newest job, or the next to
-    start if there is none) until it ends; ``on_change`` hears of each of its events.
+    """Catch up on the log, then follow job ``job_id`` (or the newest job if it still runs,
+    else the next to start) until it ends; ``on_change`` hears of each of its events.
 
     Returns its view; None when there is no such job and none starts. Gives up, returning the
     view as it stands, after ``idle_timeout_s`` seconds without any event.
     """
     position = snapshot(read, jobs)
     latest = jobs.latest()
-    chosen = job_id if job_id is not None else latest.job_id if latest else None
+    if job_id is not None:
+        chosen: str | None = job_id
+    else:  # the job running now; if none is, the next to start
+        chosen = latest.job_id if latest is not None and not latest.finished else None
     view = jobs.views.get(chosen or "")
     if view is not None:
         on_change("caught_up", view)

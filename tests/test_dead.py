@@ -22,7 +22,7 @@ from node.models import initial_weights
 from node.operate import quote
 from node.simulate import Federation, SimulationConfig
 from relay.codec import Encoding, digest
-from relay.envelope import JobSpecEnvelope, ModelEnvelope, UpdateEnvelope
+from relay.envelope import JobSpecEnvelope, LineageEnvelope, ModelEnvelope, UpdateEnvelope
 from relay.frame import decode_frame, encode_frame
 from relay.jobspec import Algorithm, JobSpec
 from relay.transport import Message
@@ -157,14 +157,16 @@ def _serve_site_1(setup: Setup, messages: int) -> None:
 
 
 def _updates(setup: Setup) -> list[UpdateEnvelope]:
-    """The chunks of updates site-1 sent the aggregator, as they sit in its queue."""
+    """The chunks of updates site-1 sent the aggregator, as they sit in its queue (each after
+    the lineage step recording it)."""
     transport = setup.federation.coordinator.transport
     queue = setup.federation.topology.aggregator_queue
     found = []
     while (delivery := transport.get(queue, timeout=2)) is not None:
         envelope, _ = decode_frame(delivery.message.body)
-        assert isinstance(envelope, UpdateEnvelope)
-        found.append(envelope)
+        assert isinstance(envelope, UpdateEnvelope | LineageEnvelope)
+        if isinstance(envelope, UpdateEnvelope):
+            found.append(envelope)
         transport.ack(delivery)
     return found
 
