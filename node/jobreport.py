@@ -7,11 +7,12 @@ Dice per site and region, the rounds' times, late updates and refused ring hops.
 per-round history is in the events each party published while the job ran: every site's
 score of each model it received and trained (with ε spent, under differential privacy), the
 seconds from each model's arrival at a site to its sending on, messages refused, and the
-job's start and end. Neither holds message sizes: traffic is counted in simulations only.
+job's start and end, and the bytes each party published for it (its ``sent`` events).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,6 +105,8 @@ class JobEvents:
     hops: list[HopTime] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
     """Messages of the job a party dead-lettered, and errors it hit, each with its reason."""
+    moved: Counter[str] = field(default_factory=Counter)
+    """Bytes the parties published for the job, by message kind (their ``sent`` events)."""
     started: float | None = None
     finished: float | None = None
     seen: int = 0
@@ -128,6 +131,7 @@ class JobEvents:
                 return
             # The aggregator starts a job once: whatever came before is not this run's.
             self.metrics, self.hops, self.refused = [], [], []
+            self.moved = Counter()
             self.started, self.finished, self.seen = envelope.created_at, None, 0
         self.seen += 1
         if isinstance(envelope, MetricsEnvelope) and envelope.recipient == EVENTS:
@@ -138,6 +142,9 @@ class JobEvents:
     def _event(self, event: EventEnvelope) -> None:
         detail = event.detail
         if event.event == "sent":
+            for key, value in detail.items():
+                if key.startswith("bytes:") and isinstance(value, int):
+                    self.moved[key.removeprefix("bytes:")] += value
             # The round and hop are the event's detail (an event envelope's own are 0).
             seconds, round, hop = (_number(detail.get(key)) for key in ("seconds", "round", "hop"))
             if seconds is not None and round is not None and hop is not None:
@@ -210,6 +217,7 @@ def job_result(
             if site in spent
         }
     seconds = events.seconds if events is not None else None
+    moved = events.moved if events is not None else Counter()
     hops = [h for h in events.hops if h.site in job.sites] if events is not None else []
     result = SimulationResult(
         status=record.status,
@@ -228,7 +236,9 @@ def job_result(
         late=record.late,
         refused_hops=record.refused_hops,
         dead_letters=events.refused if events is not None else [],
-        bytes_moved=TrafficSummary(total_bytes=0, bytes_by_kind={}, messages_by_kind={}),
+        bytes_moved=TrafficSummary(
+            total_bytes=sum(moved.values()), bytes_by_kind=dict(moved), messages_by_kind={}
+        ),
         wall_time_s=seconds or 0.0,
         model_file=record.model_file,
         model_sha256=record.model_sha256,
@@ -239,7 +249,7 @@ def job_result(
         source=source,
         notes=tuple(_notes(record, events, unread)),
         hops=tuple(sorted(hops, key=lambda h: (h.round, h.hop, job.sites.index(h.site)))),
-        traffic_counted=False,
+        traffic_counted=bool(moved),
         wall_time_known=seconds is not None,
     )
 

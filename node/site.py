@@ -446,6 +446,7 @@ class SiteNode(Endpoint):
             where["basis_digest"] = basis
         # The reference first: it must reach the site after next before the next token does.
         sends.append((make, where))
+        published = dict(self.outbox.traffic.bytes)
         # The step goes on record before the model leaves: the aggregator has every step of
         # a model's history by the time the model reaches it.
         self._publish(
@@ -474,4 +475,5 @@ class SiteNode(Endpoint):
             round=round,
             hop=hop,
             seconds=round_to_ms(time.monotonic() - started),
+            facts=self.outbox.traffic.moved_since(published),
         )

@@ -174,6 +174,8 @@ class Jobs:
         detail = event.detail
         name = event.event
         if name == "sent":
+            if from_aggregator:
+                return  # its broadcasts: counted in reports, no site's progress
             part = view.site(event.sender)
             part.stage, part.last_seen = "sent", event.created_at
         elif name == "rejected":

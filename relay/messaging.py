@@ -15,7 +15,7 @@ import logging
 import mmap
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +55,15 @@ class Traffic:
 
     messages: Counter[str] = field(default_factory=Counter)
     bytes: Counter[str] = field(default_factory=Counter)
+
+    def moved_since(self, before: Mapping[str, int]) -> dict[str, int]:
+        """Bytes published since ``before`` (an earlier copy of :attr:`bytes`), by kind, as
+        event detail ``bytes:<kind>``."""
+        return {
+            f"bytes:{kind}": n - before.get(kind, 0)
+            for kind, n in self.bytes.items()
+            if n > before.get(kind, 0)
+        }
 
     @property
     def total_bytes(self) -> int:

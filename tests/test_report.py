@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 import struct
 import subprocess
 from collections.abc import Callable, Iterator
@@ -102,11 +103,15 @@ def test_a_deployed_jobs_report_with_its_events_has_its_curves_hops_and_privacy(
     assert "**done**" in text and "time not known" not in text
     for site, metrics in finished.record["final"].items():
         assert final_row(site, metrics) in text, site
-    for image in ("dice", "regions", "rounds", "hops", "privacy"):
+    for image in ("dice", "regions", "traffic", "rounds", "hops", "privacy"):
         assert f"]({image}.png)" in text, image
         width, height = png_size(report.parent / f"{image}.png")
         assert 400 <= width <= 3000 and 300 <= height <= 1500, (image, width, height)
-    assert "traffic is counted in simulations only" in text
+    # Every party's `sent` events say what it published: 2 rounds of global models to 3
+    # sites, their 6 updates and the final model to 3 sites, each about the model's size.
+    moved = re.search(r"## Traffic: ([0-9.]+) MB moved", text)
+    model_mb = (finished.folder / "model.safetensors").stat().st_size / 1e6
+    assert moved is not None and 12 * model_mb <= float(moved[1]) + 0.05 <= 20 * model_mb, text
     assert f"{len(SITES) * ROUNDS} hop(s)" in text
     assert "Note:" not in text  # the events log was read, and every event verified
     for site in SITES:

@@ -250,13 +250,15 @@ class Coordinator(Endpoint):
         self._send_round(job, payload, job.spec.sites)
 
     def _send_round(self, job: JobState, payload: bytes | bytearray, sites: Sequence[str]) -> None:
+        before = dict(self.outbox.traffic.bytes)
         # hop: a resumed job's round is a new message for sites that trained it before.
         for site in sites:
             self._send(
                 job, ModelEnvelope, payload, recipient=site, round=job.round, hop=job.resumes
             )
 
-    # -- receiving -------------------------------------------------------------------------
+        # -- receiving -------------------------------------------------------------------------
+        self._sent(job, before, to=",".join(sites))
 
     def screen(self, envelope: Envelope) -> None:
         """Refuse envelopes for unknown jobs, from outsiders, or cut into foreign chunk sizes."""
@@ -587,6 +589,7 @@ class Coordinator(Endpoint):
 
     def _send_final(self, job: JobState, sites: Sequence[str]) -> None:
         models = job.final
+        before = dict(self.outbox.traffic.bytes)
         payload = encode(bundle(models) if len(models) > 1 else models[0])
         for site in sites:
             self._send(
@@ -599,6 +602,19 @@ class Coordinator(Endpoint):
                 task=Task.EVALUATE,
                 members=len(models),
             )
+        self._sent(job, before, to=",".join(sites))
+
+    def _sent(self, job: JobState, before: dict[str, int], *, to: str) -> None:
+        """A ``sent`` event: the bytes published since ``before``, by message kind."""
+        moved = self.outbox.traffic.moved_since(before)
+        self.emit(
+            "sent",
+            job_id=job.spec.job_id,
+            algorithm=job.spec.algorithm,
+            facts=moved,
+            to=to,
+            round=job.round,
+        )
 
     def _record_final(self, job: JobState, envelope: MetricsEnvelope) -> None:
         job.dirty.add("state")
