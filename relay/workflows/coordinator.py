@@ -256,9 +256,9 @@ class Coordinator(Endpoint):
             self._send(
                 job, ModelEnvelope, payload, recipient=site, round=job.round, hop=job.resumes
             )
-
-        # -- receiving -------------------------------------------------------------------------
         self._sent(job, before, to=",".join(sites))
+
+    # -- receiving -------------------------------------------------------------------------
 
     def screen(self, envelope: Envelope) -> None:
         """Refuse envelopes for unknown jobs, from outsiders, or cut into foreign chunk sizes."""
@@ -606,14 +606,8 @@ class Coordinator(Endpoint):
 
     def _sent(self, job: JobState, before: dict[str, int], *, to: str) -> None:
         """A ``sent`` event: the bytes published since ``before``, by message kind."""
-        moved = self.outbox.traffic.moved_since(before)
-        self.emit(
-            "sent",
-            job_id=job.spec.job_id,
-            algorithm=job.spec.algorithm,
-            facts=moved,
-            to=to,
-            round=job.round,
+        self._announce(
+            job, "sent", to=to, round=job.round, **self.outbox.traffic.moved_since(before)
         )
 
     def _record_final(self, job: JobState, envelope: MetricsEnvelope) -> None:
