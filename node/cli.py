@@ -43,7 +43,7 @@ from node.watch import snapshot as snapshot_events
 from relay.endpoint import Endpoint
 from relay.envelope import AGGREGATOR, Command, Envelope, MetricsEnvelope
 from relay.errors import ConfigError, FedrelayError
-from relay.jobspec import Aggregation, Algorithm
+from relay.jobspec import AbsentSite, Aggregation, Algorithm
 from relay.security import Roster
 from relay.transport import Message
 from relay.transport.amqp import AmqpTransport
@@ -60,7 +60,11 @@ COLUMNS = (("dice_wt", "WT"), ("dice_tc", "TC"), ("dice_et", "ET"), ("dice_mean"
 def main(verbose: int) -> None:
     """fedrelay: federated learning where models travel and images stay home."""
     level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # force: a dependency (opacus) configures the root logger when imported, which would
+    # make this call a no-op and -v ineffective.
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
 
 
 def _training_steps(config: SimulationConfig) -> int:
@@ -128,6 +132,19 @@ def _job_options(command: F) -> F:
             "SWT/CWT: a site refuses a model whose mean Dice on its validation cases is more "
             "than this below the model its sender was sent, and trains that one instead  "
             "[default: off]",
+            type=float,
+        ),
+        _option(
+            "--absent-site",
+            "SWT/CWT: when the next site does not take the token within --hop-timeout: wait "
+            "for it, skip it, or skip it and revisit it at the end of the cycle.",
+            type=click.Choice([a.value for a in AbsentSite]),
+        ),
+        _option(
+            "--hop-timeout",
+            "SWT/CWT with --absent-site skip or revisit: seconds the next site has to take "
+            "the token.",
+            field="hop_timeout_s",
             type=float,
         ),
         _option(

@@ -4,8 +4,9 @@ Every process of a federation reads the same kind of file; each uses its own sec
 its ``[sites.<name>]``, the aggregator its ``[aggregator]``). Any setting can be overridden
 from the environment: ``FEDRELAY_BROKER__HOST=10.0.0.5`` sets ``broker.host``, and
 ``FEDRELAY_SITES__SITE_1__SPOOL`` sets ``sites.site_1.spool`` (``__`` separates levels;
-names are matched case-insensitively with ``_`` standing for ``-``). Errors name the key and
-where it came from, at start-up.
+names are matched case-insensitively with ``_`` standing for ``-``); a list is written with
+commas, ``FEDRELAY_BROKER__ADDRESSES=mq1:5671,mq2:5671``. Errors name the key and where it
+came from, at start-up.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from relay.errors import ConfigError
 from relay.jobspec import NAME_PATTERN, SiteName
 from relay.security import Identity, Roster, Security
 from relay.topology import Topology
-from relay.transport.amqp import BrokerSettings, TlsSettings
+from relay.transport.amqp import BrokerAddress, BrokerSettings, TlsSettings
 from relay.validation import describe
 
 ENV_PREFIX = "FEDRELAY_"
@@ -68,14 +69,24 @@ class BrokerTls(Section):
 
 
 class Broker(Section):
-    """Where the federation's RabbitMQ is."""
+    """Where the federation's RabbitMQ is: ``host:port``, and for a cluster its other nodes in
+    ``addresses`` (``"host"`` or ``"host:port"``), tried in turn when one is unreachable."""
 
     host: str = "127.0.0.1"
     port: int = Field(default=5672, ge=1, le=65535)
+    addresses: tuple[BrokerAddress, ...] = ()
     vhost: str = "/"
     management_url: str = "http://127.0.0.1:15672"
     heartbeat_s: int = Field(default=60, ge=1, le=3600)
     tls: BrokerTls | None = None
+
+    @field_validator("addresses", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        # An environment variable can only carry a string: "mq1:5671,mq2:5671".
+        if isinstance(value, str):
+            return [part for part in value.split(",") if part.strip()]
+        return value
 
 
 class SecuritySection(Section):
@@ -189,6 +200,7 @@ class FederationConfig(Section):
         return BrokerSettings(
             host=self.broker.host,
             port=self.broker.port,
+            addresses=self.broker.addresses,
             vhost=self.broker.vhost,
             username=user,
             password=password or SecretStr(""),

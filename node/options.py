@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from relay.jobspec import (
     DEFAULT_CHUNK_SIZE,
     MAX_CHUNK_SIZE,
+    AbsentSite,
     Aggregation,
     Algorithm,
     JobSpec,
@@ -44,6 +45,8 @@ class JobOptions(BaseModel):
     trim_fraction: float = Field(default=0.2, ge=0.0, lt=0.5)
     max_update_norm: float | None = Field(default=None, gt=0)
     ring_gate: float | None = Field(default=None, gt=0, le=1)
+    absent_site: AbsentSite = AbsentSite.WAIT
+    hop_timeout_s: float | None = Field(default=None, gt=0)
     dp_clip_norm: float | None = Field(default=None, gt=0)
     dp_noise_multiplier: float | None = Field(default=None, gt=0)
     dp_delta: float = Field(default=1e-5, gt=0, lt=1)
@@ -94,6 +97,8 @@ class JobOptions(BaseModel):
             trim_fraction=self.trim_fraction,
             max_update_norm=self.max_update_norm,
             ring_gate=self.ring_gate,
+            absent_site=self.absent_site,
+            hop_timeout_s=self.hop_timeout_s,
             privacy=self.privacy(),
             seed=self.seed,
             model=ModelSpec(name=self.model, width=self.width, depth=self.depth),

@@ -20,10 +20,11 @@ from node.results import write_job
 from node.site import SiteNode
 from node.sitefacts import describer
 from node.systemd import notify
+from node.testfreeze import transport as node_transport
 from node.trainer import trainer_factory
 from relay.endpoint import Endpoint
 from relay.envelope import AGGREGATOR
-from relay.transport.amqp import AmqpTransport
+from relay.errors import FedrelayError
 from relay.workflows.coordinator import Coordinator
 from relay.workflows.state import JobState
 
@@ -66,7 +67,7 @@ def site_trainers(section: Site, name: str, cases: list[Case] | None = None) -> 
 def site_node(config: FederationConfig, name: str) -> SiteNode:
     """Site ``name``'s node, connected, with its data loaded."""
     section = config.site(name)
-    transport = AmqpTransport(config.broker_settings(name, section.password))
+    transport = node_transport(config.broker_settings(name, section.password))
     cases = None if section.data is None else site_cases(section, name)
     return SiteNode(
         name=name,
@@ -88,7 +89,7 @@ def aggregator(config: FederationConfig) -> Coordinator:
         folder = write_job(job, output)
         log.info("job %s %s; results in %s", job.spec.job_id, job.status, folder)
 
-    transport = AmqpTransport(config.broker_settings(AGGREGATOR, section.password))
+    transport = node_transport(config.broker_settings(AGGREGATOR, section.password))
     return Coordinator(
         transport=transport,
         topology=config.topology(),
@@ -99,19 +100,26 @@ def aggregator(config: FederationConfig) -> Coordinator:
 
 
 def serve(endpoint: Endpoint, stop: threading.Event) -> None:
-    """Resume the journal, then handle messages until ``stop`` is set."""
-    resumed = endpoint.resume()
-    if resumed:
-        log.warning(
-            "%s finished %d message(s) left from before its restart", endpoint.name, resumed
-        )
-    log.info("%s serving %s", endpoint.name, endpoint.queue)
-    notify(f"READY=1\nSTATUS=serving {endpoint.queue}")
-    while not stop.is_set():
-        endpoint.poll(timeout=POLL_S)
-        endpoint.tick(time.time())
-    notify("STOPPING=1")
-    endpoint.close()
+    """Resume the journal, then handle messages until ``stop`` is set. An error (a full
+    spool, a broker gone for good) stops it too, after closing the connection, so that a
+    message taken and not persisted goes back to its queue at once."""
+    try:
+        resumed = endpoint.resume()
+        if resumed:
+            log.warning(
+                "%s finished %d message(s) left from before its restart", endpoint.name, resumed
+            )
+        log.info("%s serving %s", endpoint.name, endpoint.queue)
+        notify(f"READY=1\nSTATUS=serving {endpoint.queue}")
+        while not stop.is_set():
+            endpoint.poll(timeout=POLL_S)
+            endpoint.tick(time.time())
+    except FedrelayError as e:
+        log.critical("%s stops: %s", endpoint.name, e)
+        raise
+    finally:
+        notify("STOPPING=1")
+        endpoint.close()
 
 
 def stop_on_signals() -> threading.Event:

@@ -54,6 +54,7 @@ from relay.envelope import AGGREGATOR
 from relay.errors import ConfigError
 from relay.security import generate, write_private
 from relay.topology import Topology
+from relay.transport.amqp import split_address
 
 ROSTER_FILE = "roster.json"
 OPERATOR = "operator"
@@ -324,6 +325,10 @@ def _general_name(name: str) -> x509.GeneralName:
         return x509.DNSName(name)
 
 
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host  # an IPv6 address, as broker.addresses has it
+
+
 def _pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
@@ -339,6 +344,13 @@ def _party_file(
     broker = config.broker.model_dump(mode="json", exclude={"tls"})
     if tls:
         broker["port"] = tls_port(config)
+        # The cluster's other nodes listen for TLS on the same port as the first.
+        broker["addresses"] = [
+            f"{_bracketed(host)}:{tls_port(config) if port == config.broker.port else port}"
+            for host, port in (
+                split_address(a, config.broker.port) for a in config.broker.addresses
+            )
+        ]
         broker["tls"] = {"ca": "tls/ca.pem", "cert": "tls/client.pem", "key": "tls/client.key"}
     data: dict[str, Any] = {
         "federation": config.federation,
@@ -416,7 +428,9 @@ def provision(
     if authority is not None:
         tls_folder = operator / "tls"
         tls_folder.mkdir(mode=0o700)
-        names = list(broker_names) or [config.broker.host]
+        # Parties check the certificate against the node they dial: it names every node.
+        hosts = [split_address(a)[0] for a in config.broker.addresses]
+        names = list(broker_names) or list(dict.fromkeys([config.broker.host, *hosts]))
         cert, key = authority.issue(names[0], server_names=names)
         (tls_folder / "ca.pem").write_bytes(authority.pem())
         (tls_folder / "server.pem").write_bytes(cert)

@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from node.algo import AlgoFactory, SiteAlgo
 from node.models import initial_weights
@@ -37,7 +38,7 @@ from relay.envelope import (
     UpdateEnvelope,
 )
 from relay.errors import ConfigError, EnvelopeError
-from relay.jobspec import Algorithm, JobSpec
+from relay.jobspec import AbsentSite, Algorithm, JobSpec
 from relay.lineage import model_digest
 from relay.messaging import Received, check_chunking
 from relay.privacy import epsilon, privatize, release_key, releases, site_secret
@@ -46,12 +47,16 @@ from relay.storage import replace_file
 from relay.topology import Topology
 from relay.transport import Transport
 from relay.validation import parse_json
+from relay.workflows.handoff import GRACE, Handoff, Handoffs
 from relay.workflows.ring import (
+    Stop,
     arrival_before,
     expected_hop,
     next_stop,
     previous_stop,
     reference_stop,
+    senders,
+    skip,
 )
 
 log = logging.getLogger(__name__)
@@ -92,6 +97,8 @@ class SiteNode(Endpoint):
         self._noise_secret: bytes | None = None  # read from the spool when first needed
         self._jobs_dir = spool / "jobs"
         self._jobs_dir.mkdir(parents=True, exist_ok=True)
+        self.handoffs = Handoffs(spool / "handoffs")
+        """Ring tokens sent under absent_site skip/revisit and not yet taken."""
         self._reload_jobs()
 
     def _reload_jobs(self) -> None:
@@ -141,6 +148,13 @@ class SiteNode(Endpoint):
         check_chunking(envelope, job.chunk_size)
         if isinstance(envelope, ModelEnvelope):
             self._check_route(job, envelope)
+        elif isinstance(envelope, ControlEnvelope) and envelope.command is Command.HOP_TAKEN:
+            if job.absent_site is AbsentSite.WAIT or envelope.sender not in job.sites:
+                raise EnvelopeError(
+                    f"envelope.command: hop_taken comes from a site of a ring job that skips "
+                    f"absent sites; job {job.job_id} is {job.algorithm}, absent_site "
+                    f"{job.absent_site}, and {envelope.sender!r} sent it"
+                )
         elif not isinstance(envelope, ControlEnvelope) or envelope.sender != AGGREGATOR:
             raise EnvelopeError(
                 f"envelope.kind: a site does not accept {envelope.kind} from {envelope.sender!r}"
@@ -158,13 +172,13 @@ class SiteNode(Endpoint):
                 f"envelope.members: got {envelope.members}, the job has {len(job.sites)} sites"
             )
         if envelope.task is Task.EVALUATE or not job.algorithm.is_ring:
-            expected = AGGREGATOR
+            expected = frozenset({AGGREGATOR})
         else:
             if envelope.task is Task.REFERENCE:
-                expected = self._reference_sender(job, envelope)
+                expected = frozenset({self._reference_sender(job, envelope)})
             else:
                 expected_hop(job, self.name, round=envelope.round, hop=envelope.hop)
-                expected = previous_stop(job, round=envelope.round, hop=envelope.hop)
+                expected = senders(job, round=envelope.round, hop=envelope.hop)
             last = self._ring_position.get(job.job_id)
             if last is not None and (envelope.round, envelope.hop) <= last:
                 raise EnvelopeError(
@@ -172,10 +186,10 @@ class SiteNode(Endpoint):
                     f"trained here (last: cycle {last[0]} hop {last[1]}); a second "
                     f"{envelope.task} for it is stale (a second token would fork the ring)"
                 )
-        if envelope.sender != expected:
+        if envelope.sender not in expected:
             raise EnvelopeError(
-                f"envelope.sender: this {job.algorithm} model must come from {expected!r}, "
-                f"got {envelope.sender!r}"
+                f"envelope.sender: this {job.algorithm} model must come from "
+                f"{' or '.join(map(repr, sorted(expected)))}, got {envelope.sender!r}"
             )
 
     def _reference_sender(self, job: JobSpec, envelope: ModelEnvelope) -> str:
@@ -213,6 +227,8 @@ class SiteNode(Endpoint):
         if isinstance(envelope, ControlEnvelope):
             if envelope.command is Command.CANCEL:
                 return lambda: self._forget(job.job_id)
+            if envelope.command is Command.HOP_TAKEN:
+                return lambda: self._taken(job, envelope)
             return None
         assert isinstance(envelope, ModelEnvelope)  # screen() let nothing else through
         members = unbundle(decode(received.payload), envelope.members)
@@ -230,7 +246,136 @@ class SiteNode(Endpoint):
             self._save_job(job.job_id)
         gated = job.algorithm.is_ring and job.ring_gate is not None
         basis = digest(received.payload) if gated else None
+        if job.algorithm.is_ring and job.absent_site is not AbsentSite.WAIT:
+            return lambda: self._take(job, envelope, members[0])
         return lambda: self._train(job, envelope, members[0], basis)
+
+    def _take(self, job: JobSpec, envelope: ModelEnvelope, weights: StateDict) -> None:
+        """Tell the sender the token is stored here (so it does not skip this site), then
+        train it."""
+        if envelope.sender not in (AGGREGATOR, self.name):
+            self._publish(
+                job,
+                ControlEnvelope,
+                recipient=envelope.sender,
+                round=envelope.round,
+                hop=envelope.hop,
+                command=Command.HOP_TAKEN,
+            )
+        self._train(job, envelope, weights, None)
+
+    def _taken(self, job: JobSpec, word: ControlEnvelope) -> None:
+        """The site the token went to has stored it: the kept copy is not needed."""
+        held = self.handoffs.get(job.job_id)
+        if held is not None and (held.stop.recipient, held.stop.round, held.stop.hop) == (
+            word.sender,
+            word.round,
+            word.hop,
+        ):
+            self.handoffs.release(job.job_id)
+            return
+        if held is not None and word.sender in held.skipped:
+            # It took the token after its deadline, and sent it on: the copy sent past it is
+            # a second token. Whichever reaches the next site first goes on; the other is
+            # refused there as stale. Nothing more to do here.
+            self.handoffs.release(job.job_id)
+        log.warning(
+            "site %s: %s took job %s's token (cycle %d hop %d) after it was skipped",
+            self.name,
+            word.sender,
+            job.job_id,
+            word.round,
+            word.hop,
+        )
+        self.emit(
+            "hop_taken_late",
+            job_id=job.job_id,
+            algorithm=job.algorithm,
+            site=word.sender,
+            round=word.round,
+            hop=word.hop,
+        )
+
+    def tick(self, now: float) -> float | None:
+        """Skip the site a held token went to, once its time is up; return the next
+        deadline."""
+        for held in self.handoffs.pending():
+            if held.deadline > now:
+                return held.deadline
+            job = self.jobs.get(held.job_id)
+            if job is None or job.hop_timeout_s is None:  # the job is over here
+                self.handoffs.release(held.job_id)
+                continue
+            self._skip(job, held)
+        following = self.handoffs.pending()
+        return following[0].deadline if following else None
+
+    def _skip(self, job: JobSpec, held: Handoff) -> None:
+        stop = skip(job, held.stop)
+        log.warning(
+            "site %s: %s did not take job %s's token (cycle %d hop %d) in %g s; sending it "
+            "on to %s (cycle %d hop %d)",
+            self.name,
+            held.stop.recipient,
+            job.job_id,
+            held.stop.round,
+            held.stop.hop,
+            job.hop_timeout_s,
+            stop.recipient,
+            stop.round,
+            stop.hop,
+        )
+        self.emit(
+            "hop_skipped",
+            job_id=job.job_id,
+            algorithm=job.algorithm,
+            site=held.stop.recipient,
+            round=held.stop.round,
+            hop=held.stop.hop,
+            to=stop.recipient,
+            to_round=stop.round,
+            to_hop=stop.hop,
+            revisit=",".join(stop.revisit),
+        )
+        weights = self.handoffs.weights(job.job_id)
+        self._send_token(job, stop, weights, skipped=(*held.skipped, held.stop.recipient))
+
+    def _send_token(
+        self,
+        job: JobSpec,
+        stop: Stop,
+        weights: StateDict,
+        *,
+        skipped: tuple[str, ...] = (),
+        basis: str | None = None,
+    ) -> None:
+        """Send the ring token to ``stop``. When the job skips absent sites, a copy is kept
+        until that site says it took it, and the message lives only ``hop_timeout_s``: a site
+        that is back too late finds nothing, and the token cannot fork."""
+        timeout = job.hop_timeout_s
+        kept = timeout is not None and stop.recipient not in (AGGREGATOR, self.name)
+        if kept:
+            assert timeout is not None
+            held = Handoff(job.job_id, stop, time.time() + timeout * (1 + GRACE), skipped)
+            self.handoffs.hold(held, weights)
+        self._publish(
+            job,
+            ModelEnvelope,
+            Encoding(weights),
+            expiration_s=timeout if kept else None,
+            recipient=stop.recipient,
+            round=stop.round,
+            hop=stop.hop,
+            revisit=stop.revisit,
+            basis_digest=basis,
+        )
+        if kept:
+            assert timeout is not None  # the deadline counts from when the whole token is out
+            self.handoffs.hold(
+                Handoff(job.job_id, stop, time.time() + timeout * (1 + GRACE), skipped)
+            )
+        else:
+            self.handoffs.release(job.job_id)
 
     def _answer_probe(self, probe: ControlEnvelope) -> None:
         """Publish a ``preflight`` event describing this site, under the probe's id."""
@@ -247,7 +392,7 @@ class SiteNode(Endpoint):
         job: JobSpec,
         make: Callable[..., EnvelopeBase],
         payload: bytes | Encoding = b"",
-        **fields: object,
+        **fields: Any,
     ) -> None:
         """Send one of ``job``'s messages, in its chunk size."""
         self.outbox.send(
@@ -290,6 +435,7 @@ class SiteNode(Endpoint):
         self._references.pop(job_id, None)
         self._ring_position.pop(job_id, None)
         self._gate_references.pop(job_id, None)
+        self.handoffs.release(job_id)
         algo = self.algos.pop(job_id, None)
         if algo is not None:
             algo.finalize(job_id)
@@ -422,7 +568,8 @@ class SiteNode(Endpoint):
                 spent = epsilon(releases(job, round=at) + again, job.privacy)
                 trained = algo.evaluate([weights]).as_dict() | {"epsilon": spent}
             self._metrics(job, "trained", trained, round=at, hop=hop)
-        make: Callable[..., EnvelopeBase]
+        make: Callable[..., EnvelopeBase] = ModelEnvelope
+        stop: Stop | None = None
         if job.algorithm is Algorithm.FEDAVG:
             make = UpdateEnvelope
             # hop: which of the job's resumptions this update answers (0 until resumed).
@@ -431,21 +578,10 @@ class SiteNode(Endpoint):
             make = EnsembleMemberEnvelope
             where = {"recipient": AGGREGATOR, "hop": hop}
         else:
-            stop = next_stop(job, self.name, round=round)
-            make = ModelEnvelope
-            where = {"recipient": stop.recipient, "round": stop.round, "hop": stop.hop}
+            stop = next_stop(job, round=round, hop=hop, revisit=envelope.revisit)
+            where = {"recipient": stop.recipient}
         if not job.algorithm.is_ring:
             where |= {"sample_count": result.sample_count, "metrics": trained}
-        sends: list[tuple[Callable[..., EnvelopeBase], dict[str, object]]] = []
-        if job.algorithm.is_ring and job.ring_gate is not None:
-            # The site after next judges the next site's hop against what that site was sent.
-            after = reference_stop(job, stop.recipient, round=stop.round)
-            if after is not None:
-                reference = {"recipient": after.recipient, "round": after.round, "hop": after.hop}
-                sends.append((ModelEnvelope, reference | {"task": Task.REFERENCE}))
-            where["basis_digest"] = basis
-        # The reference first: it must reach the site after next before the next token does.
-        sends.append((make, where))
         published = dict(self.outbox.traffic.bytes)
         # The step goes on record before the model leaves: the aggregator has every step of
         # a model's history by the time the model reaches it.
@@ -462,8 +598,23 @@ class SiteNode(Endpoint):
             validation_count=algo.validation_count,
             metrics={k: v for k, v in trained.items() if math.isfinite(v)},
         )
-        for kind, fields in sends:
-            self._publish(job, kind, Encoding(weights), **fields)
+        if stop is None:
+            self._publish(job, make, Encoding(weights), **where)
+        else:
+            after = reference_stop(job, stop) if job.ring_gate is not None else None
+            if after is not None:
+                # The site after next judges the next site's hop against what that site was
+                # sent; the reference goes first, to be there before the next token.
+                self._publish(
+                    job,
+                    ModelEnvelope,
+                    Encoding(weights),
+                    recipient=after.recipient,
+                    round=after.round,
+                    hop=after.hop,
+                    task=Task.REFERENCE,
+                )
+            self._send_token(job, stop, weights, basis=basis)
         log.info(
             "site %s: %s round %d hop %d trained and sent", self.name, job.algorithm, round, hop
         )

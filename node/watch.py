@@ -184,6 +184,11 @@ class Jobs:
         elif name == "error":
             view.errors += 1
             view.note(f"{event.sender}: {detail.get('reason')}")
+        elif name == "hop_skipped":
+            view.note(
+                f"{event.sender}: {detail.get('site')} did not take the token (cycle "
+                f"{detail.get('round')} hop {detail.get('hop')}); sent on to {detail.get('to')}"
+            )
         elif not from_aggregator:
             return
         elif name == "round_opened":

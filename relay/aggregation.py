@@ -17,8 +17,9 @@ Really Backdoor Federated Learning?" (2019), which bounds what any one site can 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -211,36 +212,79 @@ def clip_update(
     return clipped
 
 
-def coordinate_median(states: Sequence[Mapping[str, torch.Tensor]]) -> StateDict:
+SLICE_BYTES = 4 * 1024 * 1024
+"""How many bytes of one tensor, over all of a round's models together, robust aggregation
+sorts at a time: its memory stays bounded however many sites there are (sorting takes some
+eight times this: values, int64 indices, torch's working copies), and models kept on disk
+(:class:`StoredModel`) are read a stretch at a time, never whole."""
+
+
+@runtime_checkable
+class StoredModel(Protocol):
+    """A model kept on disk, read a stretch of one tensor at a time."""
+
+    def layout(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """Each tensor's dtype and shape, in the model's order, without reading any."""
+        ...
+
+    def elements(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Elements ``start:stop`` of tensor ``name``, flattened."""
+        ...
+
+
+Model = Mapping[str, torch.Tensor]
+
+
+def coordinate_median(states: Sequence[Model]) -> StateDict:
     """The element-wise median of the sites' models (the mean of the middle two for an even
-    count; for integer tensors, the lower of the two)."""
+    count; for integer tensors, the lower of the two). Models may be :class:`StoredModel` s."""
     return _coordinate_wise(states, trim=None)
 
 
-def trimmed_mean(states: Sequence[Mapping[str, torch.Tensor]], fraction: float) -> StateDict:
+def trimmed_mean(states: Sequence[Model], fraction: float) -> StateDict:
     """The element-wise mean after dropping the ``floor(fraction * n)`` largest and smallest
-    values of each element; integer tensors get the element-wise lower median."""
+    values of each element; integer tensors get the element-wise lower median. Models may be
+    :class:`StoredModel` s."""
     if not 0 <= fraction < 0.5:
         raise ValueError(f"trim fraction must be in [0, 0.5), got {fraction}")
     return _coordinate_wise(states, trim=trim_count(fraction, len(states)))
 
 
-def _coordinate_wise(
-    states: Sequence[Mapping[str, torch.Tensor]], *, trim: int | None
-) -> StateDict:
+def _layout(state: Model) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    if isinstance(state, StoredModel):
+        return state.layout()
+    return {name: (tensor.dtype, tuple(tensor.shape)) for name, tensor in state.items()}
+
+
+def _elements(state: Model, name: str, start: int, stop: int) -> torch.Tensor:
+    if isinstance(state, StoredModel):
+        return state.elements(name, start, stop)
+    return state[name].reshape(-1)[start:stop]
+
+
+def _coordinate_wise(states: Sequence[Model], *, trim: int | None) -> StateDict:
     if not states:
         raise ValueError("no updates were added")
     n = len(states)
     # The median's middle one or two, or what the trim leaves.
     low, high = ((n - 1) // 2, n // 2 + 1) if trim is None else (trim, n - trim)
     result: StateDict = {}
-    for name, first in states[0].items():
-        # Sorted in the tensors' own dtype (conversion keeps the order); only the kept rows
-        # are widened for the mean.
-        ordered = torch.stack([state[name] for state in states]).sort(dim=0).values
-        if first.is_floating_point():
-            result[name] = ordered[low:high].to(torch.float64).mean(dim=0).to(first.dtype)
-        else:
-            # Counters such as BatchNorm's: no one site's value is trusted either.
-            result[name] = ordered[(n - 1) // 2].clone()
+    for name, (dtype, shape) in _layout(states[0]).items():
+        count = math.prod(shape)
+        flat = torch.empty(count, dtype=dtype)
+        # A stretch at a time (elements are independent): K whole tensors sorted at once
+        # would hold K models' worth of a large layer, and its int64 sort indices twice that.
+        step = max(1, SLICE_BYTES // (n * flat.element_size()))
+        for start in range(0, count, step):
+            stop = min(count, start + step)
+            rows = [_elements(state, name, start, stop) for state in states]
+            # Sorted in the tensors' own dtype (conversion keeps the order); only the kept
+            # rows are widened for the mean.
+            ordered = torch.stack(rows).sort(dim=0).values
+            if flat.is_floating_point():
+                flat[start:stop] = ordered[low:high].to(torch.float64).mean(dim=0).to(dtype)
+            else:
+                # Counters such as BatchNorm's: no one site's value is trusted either.
+                flat[start:stop] = ordered[(n - 1) // 2]
+        result[name] = flat.reshape(shape)
     return result

@@ -38,6 +38,15 @@ Action = Callable[[], None]
 """Work a message asks for (training, aggregation), run after the message is acked."""
 
 
+def _text(value: object) -> str:
+    """A broker property as text. Whoever published a message chose its properties: a raw
+    AMQP client may set them to bytes that are not UTF-8 (pika then hands over bytes), or
+    leave them out."""
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return value if isinstance(value, str) else ""
+
+
 class Endpoint(ABC):
     """A site or the aggregator: consumes its own queue, publishes through an outbox."""
 
@@ -62,7 +71,9 @@ class Endpoint(ABC):
         self.rejected: list[str] = []
 
     def poll(self, timeout: float = 0.0) -> bool:
-        """Take and process at most one delivery; True if there was one."""
+        """Take and process at most one delivery; True if there was one. SpoolFull, before
+        anything is taken, when the spool's disk has no room for another message."""
+        self.journal.check_space()
         delivery = self.transport.get(self.queue, timeout)
         if delivery is None:
             return False
@@ -70,7 +81,15 @@ class Endpoint(ABC):
         return True
 
     def process(self, delivery: Delivery) -> None:
-        """Verify one delivery; persist it, ack it, then act on it (persist, ack, act)."""
+        """Verify one delivery; persist it, ack it, then act on it (persist, ack, act).
+
+        SpoolFull if a write fails for want of space: the endpoint must stop. The delivery,
+        unless it was persisted and acked, goes back to the queue when the connection closes.
+        """
+        with self.journal.writing():
+            self._process(delivery)
+
+    def _process(self, delivery: Delivery) -> None:
         received: Received | None = None
         try:
             received = self.inbox.receive(delivery, screen=self.screen)
@@ -87,13 +106,14 @@ class Endpoint(ABC):
             self.transport.hold(self.queue)  # before the ack: nothing may queue up meanwhile
         self.transport.ack(delivery)
         if entry is not None:
-            self._act(action, entry, delivery.message.message_id)
+            self._act(action, entry, _text(delivery.message.message_id))
 
     def resume(self) -> int:
         """Finish the work of messages acked before a crash or stop; return how many."""
         pending = self.journal.pending()
-        for entry, received in pending:
-            self._resume_one(entry, received)
+        with self.journal.writing():
+            for entry, received in pending:
+                self._resume_one(entry, received)
         return len(pending)
 
     def _resume_one(self, entry: Entry, received: Received) -> None:
@@ -126,6 +146,14 @@ class Endpoint(ABC):
         except InvalidInput as e:
             log.error("%s drops journalled message %s: %s", self.name, entry.name, e)
             self.rejected.append(str(e))
+            # Acked before the restart, it cannot be dead-lettered: the event is the only
+            # trace a watcher sees (a job whose message this was would otherwise just stall).
+            self.emit(
+                "error",
+                job_id=envelope.job_id,
+                reason=f"dropped after a restart: {e}"[:4000],
+                message_id=envelope.message_id,
+            )
             self.journal.complete(counted)
             return
         self._act(action, counted, envelope.message_id)
@@ -152,14 +180,14 @@ class Endpoint(ABC):
         self.transport.reject(
             delivery, reason, dead_letter_exchange=self.topology.dead_letter_exchange
         )
-        job = message.correlation_id if JOB_ID.fullmatch(message.correlation_id) else NO_JOB
+        correlation = _text(message.correlation_id)
         self.emit(
             "rejected",
-            job_id=job,
+            job_id=correlation if JOB_ID.fullmatch(correlation) else NO_JOB,
             reason=reason[:4000],
-            message_id=message.message_id[:64],
-            kind=message.type[:64],
-            published_by=(message.user_id or "")[:64],
+            message_id=_text(message.message_id)[:64],
+            kind=_text(message.type)[:64],
+            published_by=_text(message.user_id)[:64],
             queue=delivery.queue,
         )
 

@@ -22,11 +22,12 @@ from relay.jobspec import (
     NAME_PATTERN,
     Algorithm,
     Frozen,
+    SiteName,
 )
 from relay.security import Sealed
 from relay.validation import parse
 
-SCHEMA_VERSION: Literal[4] = 4
+SCHEMA_VERSION: Literal[5] = 5
 """The only envelope schema this build reads and writes."""
 
 AGGREGATOR = "aggregator"
@@ -82,6 +83,9 @@ class Command(StrEnum):
     it stopped in."""
     PROBE = "probe"
     """To a site: answer with a ``preflight`` event describing the site (no job needed)."""
+    HOP_TAKEN = "hop_taken"
+    """To a ring site (from the site it sent the token to): the token is stored there, so the
+    sender need not skip that site (absent_site skip or revisit)."""
 
 
 def new_message_id() -> str:
@@ -93,7 +97,7 @@ class EnvelopeBase(Frozen):
     """Fields every envelope has."""
 
     kind: Kind
-    schema_version: Literal[4] = SCHEMA_VERSION
+    schema_version: Literal[5] = SCHEMA_VERSION
     message_id: str = Field(default_factory=new_message_id, pattern=r"^[0-9a-f]{32}$")
     job_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     algorithm: Algorithm
@@ -175,6 +179,9 @@ class ModelEnvelope(EnvelopeBase):
     basis_digest: Digest | None = None
     """Ring tokens under a validation gate: the sha256 of the model (its encoding) the sender
     trained from, so that the site judging the hop knows its reference is that model."""
+    revisit: tuple[SiteName, ...] = Field(default=(), max_length=MAX_SITES)
+    """Ring tokens under absent_site revisit: the sites skipped earlier in this cycle, still
+    to be visited at its end, in order."""
 
 
 class UpdateEnvelope(EnvelopeBase):

@@ -59,6 +59,17 @@ class Algorithm(StrEnum):
         return self in (Algorithm.SWT, Algorithm.CWT)
 
 
+class AbsentSite(StrEnum):
+    """What a ring job does when the next site does not take the token (SWT/CWT)."""
+
+    WAIT = "wait"
+    """Store and forward: the token waits in the site's durable queue until it returns."""
+    SKIP = "skip"
+    """After ``hop_timeout_s`` the token moves on to the site after; the skip is recorded."""
+    REVISIT = "revisit"
+    """Like skip, but the token goes back to the skipped sites at the end of the cycle."""
+
+
 class Aggregation(StrEnum):
     """How the FedAvg aggregator combines a round's site models (see relay.aggregation)."""
 
@@ -167,6 +178,16 @@ class JobSpec(Frozen):
         "is more than this below the model its sender was sent (at first, the job's initial "
         "model), and trains that one instead; None: every hop is taken",
     )
+    absent_site: AbsentSite = Field(
+        default=AbsentSite.WAIT,
+        description="SWT/CWT: when the next site does not take the token within "
+        "hop_timeout_s: wait for it, skip it, or skip it and revisit it at the cycle's end",
+    )
+    hop_timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="skip/revisit: seconds the next site has to take the token",
+    )
     privacy: PrivacySpec | None = Field(
         default=None, description="differential privacy at every site; None: off"
     )
@@ -195,6 +216,7 @@ class JobSpec(Frozen):
             )
         if self.ring_gate is not None and not self.algorithm.is_ring:
             raise ValueError(f"'ring_gate' applies to swt and cwt only, not {self.algorithm}")
+        self._check_absent_site()
         # A round may close at the quorum: robustness must hold with that few sites.
         quorum = self.min_sites or len(self.sites)
         if self.aggregation is not Aggregation.MEAN and quorum < 3:
@@ -219,15 +241,35 @@ class JobSpec(Frozen):
             )
         return self
 
+    def _check_absent_site(self) -> None:
+        moving = self.absent_site is not AbsentSite.WAIT
+        if moving and not self.algorithm.is_ring:
+            raise ValueError(
+                f"'absent_site' {self.absent_site} applies to swt and cwt only, not "
+                f"{self.algorithm} (fedavg has 'min_sites' and 'round_timeout_s')"
+            )
+        if moving and self.hop_timeout_s is None:
+            raise ValueError(
+                f"'absent_site' {self.absent_site} needs 'hop_timeout_s': how many seconds the "
+                "next site has to take the token before it is skipped"
+            )
+        if not moving and self.hop_timeout_s is not None:
+            raise ValueError(
+                "'hop_timeout_s' is for 'absent_site' skip or revisit; with wait the token "
+                "waits for the site however long it takes"
+            )
+        if moving and self.ring_gate is not None:
+            # The gate judges a hop against what its sender was sent, two sites back; a skip
+            # changes who that is after the references have gone out.
+            raise ValueError(
+                f"'ring_gate' and 'absent_site' {self.absent_site} cannot be combined; use "
+                "absent_site wait with a gate"
+            )
+
     @property
     def quorum(self) -> int:
         """How many site updates a FedAvg round needs."""
         return self.min_sites if self.min_sites is not None else len(self.sites)
-
-    def next_site(self, site: str) -> str | None:
-        """The ring successor of ``site``, or None after the last site of the ring."""
-        index = self.sites.index(site)
-        return self.sites[index + 1] if index + 1 < len(self.sites) else None
 
 
 def parse_job_spec(data: object) -> JobSpec:

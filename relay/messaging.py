@@ -17,7 +17,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -101,6 +101,7 @@ class Outbox:
         payload: bytes | bytearray | memoryview | Encoding = b"",
         *,
         chunk_size: int,
+        expiration_s: float | None = None,
         **fields: Any,
     ) -> E:
         """Build the envelope with ``make(**fields, <payload fields>)`` and publish it.
@@ -108,7 +109,8 @@ class Outbox:
         Returns the last chunk's envelope, which carries the payload digest (all chunks share
         its message id). Each chunk is confirmed by the broker before the next is published;
         meanwhile a worker thread hashes the payload and, given an :class:`Encoding`, copies
-        the tensors in, each chunk going out as soon as its bytes are final.
+        the tensors in, each chunk going out as soon as its bytes are final. With
+        ``expiration_s``, the broker drops each chunk that no consumer takes in that time.
         """
         progress = _Progress()
         security = self.security
@@ -150,6 +152,8 @@ class Outbox:
             if security is not None:
                 envelope = sign(envelope, security)
             message = message_of(envelope, chunk)
+            if expiration_s is not None:
+                message = replace(message, expiration_ms=max(1, round(expiration_s * 1000)))
             topic = envelope.event if isinstance(envelope, EventEnvelope) else str(envelope.kind)
             self.transport.publish(
                 routing_key(envelope.recipient, topic),
@@ -237,7 +241,8 @@ def dedup_key(envelope: Envelope) -> str:
 
     Only a complete message (or a chunked one's last chunk) carries the payload digest, so an
     exact copy of a chunked message is recognised at its last chunk; its earlier chunks are
-    handled as a new transfer's until then, and what they stored is discarded there."""
+    handled as a new transfer's until then, and what they stored is discarded there. (Within
+    one process, a copy of any chunk of a handled message is known by its transfer key.)"""
     task = getattr(envelope, "task", None)
     stage = getattr(envelope, "stage", None)
     if isinstance(envelope, ControlEnvelope | EventEnvelope):
@@ -279,6 +284,9 @@ class Inbox:
         self._seen: set[str] = set(seen or ())
         self._seen_ids: set[str] = set()
         """Message ids handled since this process started (a replay keeps its signed id)."""
+        self._handled_transfers: set[str] = set()
+        """Transfer keys of the chunked messages handled since this process started: a copy
+        of one of their chunks is a copy, not the start of a transfer no last chunk ends."""
 
     def receive(
         self, delivery: Delivery, *, screen: Callable[[Envelope], None] | None = None
@@ -306,7 +314,8 @@ class Inbox:
             self.security.verify(to_wire(envelope), envelope.sender)
         if not envelope.is_chunked:
             _verify_whole(envelope, data)  # a copy with other bytes is tampered, not a replay
-        if dedup_key(envelope) in self._seen:
+        copied_chunk = envelope.is_chunked and transfer_key(envelope) in self._handled_transfers
+        if copied_chunk or dedup_key(envelope) in self._seen:
             if envelope.is_chunked:
                 self.reassembler.discard(transfer_key(envelope))
             replayed = envelope.message_id in self._seen_ids and not delivery.redelivered
@@ -380,6 +389,7 @@ class Inbox:
         self._seen.add(dedup_key(received.envelope))
         self._seen_ids.add(received.envelope.message_id)
         if received.envelope.is_chunked:
+            self._handled_transfers.add(transfer_key(received.envelope))
             self.reassembler.release(transfer_key(received.envelope))
 
     def forget(self, received: Received) -> None:

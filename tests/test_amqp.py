@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -9,15 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from relay.codec import Encoding, decode, encode
 from relay.envelope import ModelEnvelope
-from relay.errors import MessageTooLarge
+from relay.errors import MessageTooLarge, TransportError
 from relay.messaging import Inbox, Outbox
 from relay.topology import Topology
 from relay.transport import Message
-from relay.transport.amqp import AmqpTransport
-from tests.broker import TestBroker, api, quote
+from relay.transport.amqp import AmqpTransport, BrokerSettings
+from tests.broker import HOST, TestBroker, api, free_port, quote
 
 MiB = 1024 * 1024
 
@@ -194,3 +197,101 @@ def test_a_broker_restart_is_survived(rabbit: TestBroker) -> None:
     assert delivery is not None and delivery.message.body == b"after"
     site.ack(delivery)
     site.close()
+
+
+def connection_names(rabbit: TestBroker, user: str) -> list[str]:
+    """The broker's names of ``user``'s open connections on the test's vhost."""
+    connections = api("GET", f"vhosts/{quote(rabbit.vhost)}/connections")
+    return [c["name"] for c in connections if c["user"] == user]
+
+
+def other_name(host: str) -> str:
+    """Another address of the same broker: the name of an IP address, or the IP of a name."""
+    try:
+        socket.inet_aton(host)
+    except OSError:
+        return socket.gethostbyname(host)
+    return socket.gethostbyaddr(host)[0]
+
+
+def test_a_closed_first_address_is_skipped_for_the_next_one(
+    rabbit: TestBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    topology = Topology("failover", ("site-1",))
+    closed = free_port()
+    settings = rabbit.settings("site-1", host="127.0.0.1", port=closed, addresses=(f"{HOST}:5672",))
+    with caplog.at_level(logging.WARNING, logger="relay.transport.amqp"):
+        site = AmqpTransport(settings)
+    try:
+        assert site.endpoint == (HOST, 5672)
+        assert f"RabbitMQ at 127.0.0.1:{closed} unreachable, attempt 1/8 failed" in caplog.text
+        site.declare(topology)
+        message = Message(
+            body=b"over", type="update", message_id="u", correlation_id="j", user_id="site-1"
+        )
+        site.publish("aggregator", message, exchange=topology.exchange)
+        delivery = site.get(topology.aggregator_queue, timeout=10)
+        assert delivery is not None and delivery.message.body == b"over"
+        site.ack(delivery)
+    finally:
+        site.close()
+
+
+def test_a_connection_closed_by_the_broker_is_rebuilt_on_the_next_address(
+    rabbit: TestBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    topology = Topology("failover", ("site-1",))
+    alias = other_name(HOST)
+    site = AmqpTransport(rabbit.settings("site-1", addresses=(f"{alias}:5672",)))
+    try:
+        assert site.endpoint == (HOST, 5672)
+        site.declare(topology)
+        before = Message(
+            body=b"before", type="update", message_id="b", correlation_id="j", user_id="site-1"
+        )
+        site.publish("aggregator", before, exchange=topology.exchange)
+        generation = site._generation
+        deadline = time.monotonic() + 10  # the API lists a connection a moment after it opens
+        while not (names := connection_names(rabbit, "site-1")):
+            assert time.monotonic() < deadline, "the broker never listed the connection"
+            time.sleep(0.2)
+        [name] = names
+        with caplog.at_level(logging.WARNING, logger="relay.transport.amqp"):
+            api("DELETE", f"connections/{quote(name)}")
+            after = Message(
+                body=b"after", type="update", message_id="a", correlation_id="j", user_id="site-1"
+            )
+            site.publish("aggregator", after, exchange=topology.exchange)
+        assert site._generation > generation, "the connection was rebuilt"
+        assert site.endpoint == (alias, 5672)
+        assert f"connected to RabbitMQ at {alias}:5672" in caplog.text
+        bodies = []
+        for _ in range(2):
+            delivery = site.get(topology.aggregator_queue, timeout=10)
+            assert delivery is not None
+            bodies.append(delivery.message.body)
+            site.ack(delivery)
+        assert bodies == [b"before", b"after"]  # nothing lost with the connection
+    finally:
+        site.close()
+
+
+def test_no_reachable_address_fails_naming_every_address() -> None:
+    closed = [free_port(), free_port()]
+    settings = BrokerSettings(
+        port=closed[0],
+        addresses=(f"127.0.0.1:{closed[1]}",),
+        reconnect_attempts=2,
+        reconnect_delay_s=0.05,
+    )
+    with pytest.raises(TransportError, match="after 2 attempts") as failed:
+        AmqpTransport(settings)
+    assert f"127.0.0.1:{closed[0]}, 127.0.0.1:{closed[1]}" in str(failed.value)
+
+
+@pytest.mark.parametrize("address", ["amqp://mq2:5672", "mq2:", "mq2:99999", "fd00::2", "a b"])
+def test_a_malformed_broker_address_is_named_with_the_expected_form(address: str) -> None:
+    with pytest.raises(ValidationError, match=r"addresses\.1") as refused:
+        BrokerSettings(addresses=("mq1", address))
+    assert f"{address!r} is not a broker address" in str(refused.value)
+    assert '"host" or "host:port"' in str(refused.value)

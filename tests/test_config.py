@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from cryptography import x509
 
 from node.config import load
 from node.process import site_trainers
+from node.provision import provision
 from node.simulate import Federation, SimulationConfig
 from node.trainer import SegmentationTrainer
 from relay.errors import ConfigError
@@ -127,3 +129,48 @@ def test_a_phantom_site_gets_the_data_simulate_generates_with_the_same_settings(
     assert isinstance(mine, SegmentationTrainer) and isinstance(theirs, SegmentationTrainer)
     for a, b in zip(mine.training_cases, theirs.training_cases, strict=True):
         assert torch.equal(a.image, b.image) and torch.equal(a.label, b.label)
+
+
+def test_broker_addresses_come_from_a_toml_list_or_a_comma_separated_variable(
+    tmp_path: Path,
+) -> None:
+    text = FILE.replace(
+        'host = "rabbit.example.org"',
+        'host = "mq1"\nport = 5671\naddresses = ["mq2", "mq3:5681", "mq1"]',
+    )
+    config = load(write(tmp_path, text), environ={})
+    settings = config.party_settings("site-1")
+    assert settings.endpoints() == [("mq1", 5671), ("mq2", 5671), ("mq3", 5681)]
+    environ = {"FEDRELAY_BROKER__ADDRESSES": "10.0.0.6:5671, [fd00::7]"}
+    overridden = load(write(tmp_path, text), environ=environ).party_settings("site-1")
+    assert overridden.endpoints() == [("mq1", 5671), ("10.0.0.6", 5671), ("fd00::7", 5671)]
+
+
+def test_a_malformed_broker_address_fails_at_start_up_naming_it(tmp_path: Path) -> None:
+    text = FILE.replace(
+        'host = "rabbit.example.org"', 'host = "mq1"\naddresses = ["mq2", "amqp://mq3"]'
+    )
+    with pytest.raises(
+        ConfigError, match=r"config\.broker\.addresses\.1: 'amqp://mq3' is not a broker address"
+    ):
+        load(write(tmp_path, text), environ={})
+
+
+def test_a_tls_kit_gives_every_broker_node_the_tls_port_and_the_certificate_names_them(
+    tmp_path: Path,
+) -> None:
+    text = FILE.replace(
+        'host = "rabbit.example.org"', 'host = "mq1"\naddresses = ["mq2", "mq3:5672", "mq4:5700"]'
+    )
+    kits = tmp_path / "kits"
+    provision(load(write(tmp_path, text), environ={}), kits, tls=True)
+    kit = load(kits / "site-1" / "federation.toml", environ={})
+    assert kit.party_settings("site-1").endpoints() == [
+        ("mq1", 5671),
+        ("mq2", 5671),
+        ("mq3", 5671),
+        ("mq4", 5700),
+    ]
+    server = x509.load_pem_x509_certificate((kits / "operator" / "tls" / "server.pem").read_bytes())
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["mq1", "mq2", "mq3", "mq4"]

@@ -38,7 +38,7 @@ def test_valid_envelope_round_trips_through_the_wire_frame() -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"schema_version": 1}, "schema_version: got 1; this node reads only version 4"),
+        ({"schema_version": 1}, "schema_version: got 1; this node reads only version 5"),
         ({"schema_version": None}, "schema_version: got None"),
         ({"kind": "weights"}, "envelope.kind: got 'weights'; expected one of job_spec, model"),
         ({"round": -1}, r"envelope.round: Input should be greater than or equal to 0 \(got -1\)"),

@@ -28,6 +28,9 @@ class Message:
     user_id: str | None
     headers: Mapping[str, Any] = field(default_factory=dict)
     content_type: str = CONTENT_TYPE
+    expiration_ms: int | None = None
+    """Per-message TTL: the broker dead-letters the message (reason ``expired``) if no
+    consumer has taken it this many milliseconds after it was queued; None: never."""
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,10 @@
 - A background thread services the connection while the caller trains, so heartbeats never
   lapse. pika's BlockingConnection is not thread safe: every use of it holds one lock.
 - Connection loss is survived: the connection is rebuilt with bounded, growing back-off
-  ("attempt n/N" in the log) and the operation retried. Deliveries taken on a lost
-  connection cannot be acked any more; the broker redelivers them and receivers, being
-  idempotent, drop the copies.
+  ("attempt n/N" in the log) and the operation retried. Given several broker addresses (the
+  nodes of a cluster), each attempt goes round them, starting after the one that failed
+  last. Deliveries taken on a lost connection cannot be acked any more; the broker
+  redelivers them and receivers, being idempotent, drop the copies.
 - RabbitMQ's ``basic.reject`` cannot add headers, so :meth:`reject` republishes the message
   to the dead-letter exchange with the reason in ``x-fedrelay-reason``, then acks it.
 """
@@ -26,12 +27,12 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import pika
 import pika.exceptions as pe
 from pika.adapters.blocking_connection import BlockingChannel
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr
 
 from relay.errors import (
     AccessRefused,
@@ -83,13 +84,57 @@ class TlsSettings(BaseModel):
         return context
 
 
+DEFAULT_PORT = 5672
+
+ADDRESS_FORM = (
+    '"host" or "host:port" (port 1-65535), e.g. "mq2.example.org:5671"; an IPv6 address as '
+    '"[fd00::2]:5671"'
+)
+
+
+def split_address(address: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """``(host, port)`` of ``"host"``, ``"host:port"``, ``"[v6]"`` or ``"[v6]:port"``;
+    ValueError, naming the address and the expected form, for anything else."""
+    bad = ValueError(f"{address!r} is not a broker address; write {ADDRESS_FORM}")
+    text = address.strip()
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise bad
+        port_text = rest[1:] if rest else None
+    elif text.count(":") > 1:
+        raise bad  # a bare IPv6 address: its last group would read as a port
+    else:
+        host, colon, port_text_or_empty = text.partition(":")
+        port_text = port_text_or_empty if colon else None
+    if not host or any(c.isspace() or c in "/@?#[]" for c in host):
+        raise bad  # a URL ("amqp://…"), credentials or a path are not an address
+    if port_text is None:
+        return host, default_port
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
+        raise bad
+    return host, int(port_text)
+
+
+def _checked_address(address: str) -> str:
+    split_address(address)
+    return address.strip()
+
+
+BrokerAddress = Annotated[str, AfterValidator(_checked_address)]
+"""One broker node: ``"host"`` (at the settings' ``port``) or ``"host:port"``."""
+
+
 class BrokerSettings(BaseModel):
-    """Where and how to reach RabbitMQ, as one party."""
+    """Where and how to reach RabbitMQ, as one party. ``host:port`` is the first node to try;
+    ``addresses`` are more nodes of the same cluster, tried in turn when one cannot be reached
+    (a bare host there means ``port``)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     host: str = "127.0.0.1"
-    port: int = Field(default=5672, ge=1, le=65535)
+    port: int = Field(default=DEFAULT_PORT, ge=1, le=65535)
+    addresses: tuple[BrokerAddress, ...] = ()
     vhost: str = "/"
     username: str = "guest"
     password: SecretStr = SecretStr("guest")
@@ -99,8 +144,18 @@ class BrokerSettings(BaseModel):
     reconnect_max_delay_s: float = Field(default=15.0, gt=0, le=600)
     tls: TlsSettings | None = None
 
-    def parameters(self) -> pika.ConnectionParameters:
-        """pika's connection parameters."""
+    def endpoints(self) -> list[tuple[str, int]]:
+        """Every broker node to try, in order: ``host:port``, then ``addresses`` (each once)."""
+        found = [(self.host, self.port)]
+        for address in self.addresses:
+            endpoint = split_address(address, self.port)
+            if endpoint not in found:
+                found.append(endpoint)
+        return found
+
+    def parameters(self, endpoint: tuple[str, int] | None = None) -> pika.ConnectionParameters:
+        """pika's connection parameters for ``endpoint`` (default: ``host:port``)."""
+        host, port = endpoint or (self.host, self.port)
         credentials: pika.credentials.PlainCredentials | pika.credentials.ExternalCredentials
         if self.tls is not None and self.tls.external_auth:
             credentials = pika.credentials.ExternalCredentials()
@@ -108,10 +163,11 @@ class BrokerSettings(BaseModel):
             credentials = pika.PlainCredentials(self.username, self.password.get_secret_value())
         ssl_options = None
         if self.tls is not None:
-            ssl_options = pika.SSLOptions(self.tls.context(), self.tls.server_hostname or self.host)
+            # The certificate is checked against the node dialled, unless a name is pinned.
+            ssl_options = pika.SSLOptions(self.tls.context(), self.tls.server_hostname or host)
         return pika.ConnectionParameters(
-            host=self.host,
-            port=self.port,
+            host=host,
+            port=port,
             virtual_host=self.vhost,
             credentials=credentials,
             ssl_options=ssl_options,
@@ -163,6 +219,11 @@ class AmqpTransport(Transport):
         )
         self._unacked: dict[int, int] = {}
         self._closed = False
+        self._endpoints = settings.endpoints()
+        self._next_endpoint = 0
+        self._connected_once = False
+        self.endpoint = self._endpoints[0]
+        """``(host, port)`` of the broker node of the current (or last) connection."""
         self._connect()
         self._pump = threading.Thread(
             target=self._service, name=f"fedrelay-heartbeat-{self.user}", daemon=True
@@ -172,50 +233,75 @@ class AmqpTransport(Transport):
     # -- connection ------------------------------------------------------------------------
 
     def _connect(self) -> None:
+        """Connect to one of the broker's nodes. Each attempt goes round every address once,
+        starting after the one that failed (or was connected to) last, so a node that is down
+        is skipped at once; the back-off grows between attempts, not between addresses."""
         attempts = self.settings.reconnect_attempts
         delay = self.settings.reconnect_delay_s
+        count = len(self._endpoints)
+        last: tuple[str, pe.AMQPConnectionError] | None = None
         for attempt in range(1, attempts + 1):
-            try:
-                self._connection = pika.BlockingConnection(self.settings.parameters())
-                self._open_channel()
-                if attempt > 1:
-                    log.warning(
-                        "%s reconnected to RabbitMQ (attempt %d/%d)", self.user, attempt, attempts
+            for _ in range(count):
+                index = self._next_endpoint
+                self._next_endpoint = (index + 1) % count
+                host, port = self._endpoints[index]
+                try:
+                    self._connection = pika.BlockingConnection(
+                        self.settings.parameters((host, port))
                     )
-                return
-            except (
-                pe.ProbableAuthenticationError,
-                pe.AuthenticationError,
-                pe.ProbableAccessDeniedError,
-            ) as e:
-                raise AccessRefused(
-                    f"RabbitMQ refused user {self.user!r} on vhost {self.settings.vhost!r} "
-                    f"({type(e).__name__}); check the credentials and the vhost permissions"
-                ) from e
-            except ssl.SSLCertVerificationError as e:
-                # Retrying will not make the certificate trusted: say so at once.
-                raise TransportError(
-                    f"the broker at {self.settings.host}:{self.settings.port} presented a "
-                    f"certificate this party does not trust ({e.verify_message}); check "
-                    "broker.tls.ca and that broker.host (or broker.tls.server_hostname) is a "
-                    "name in it"
-                ) from e
-            except pe.AMQPConnectionError as e:
-                if attempt == attempts:
-                    raise TransportError(
-                        f"cannot reach RabbitMQ at {self.settings.host}:{self.settings.port} "
-                        f"after {attempts} attempts ({type(e).__name__}: {e})"
+                    self._open_channel()
+                    if self._connected_once or last is not None:
+                        log.warning(
+                            "%s connected to RabbitMQ at %s:%d (attempt %d/%d)",
+                            self.user,
+                            host,
+                            port,
+                            attempt,
+                            attempts,
+                        )
+                    self.endpoint = (host, port)
+                    self._connected_once = True
+                    return
+                except (
+                    pe.ProbableAuthenticationError,
+                    pe.AuthenticationError,
+                    pe.ProbableAccessDeniedError,
+                ) as e:
+                    raise AccessRefused(
+                        f"RabbitMQ at {host}:{port} refused user {self.user!r} on vhost "
+                        f"{self.settings.vhost!r} ({type(e).__name__}); check the credentials "
+                        "and the vhost permissions"
                     ) from e
-                log.warning(
-                    "%s: RabbitMQ unreachable, attempt %d/%d failed (%s); retrying in %.1f s",
-                    self.user,
-                    attempt,
-                    attempts,
-                    type(e).__name__,
-                    delay,
-                )
-                time.sleep(delay)
-                delay = min(delay * 2, self.settings.reconnect_max_delay_s)
+                except ssl.SSLCertVerificationError as e:
+                    # Retrying will not make the certificate trusted: say so at once.
+                    raise TransportError(
+                        f"the broker at {host}:{port} presented a certificate this party does "
+                        f"not trust ({e.verify_message}); check broker.tls.ca and that {host!r} "
+                        "(or broker.tls.server_hostname) is a name in it"
+                    ) from e
+                except pe.AMQPConnectionError as e:
+                    last = (f"{host}:{port}", e)
+                    log.warning(
+                        "%s: RabbitMQ at %s:%d unreachable, attempt %d/%d failed (%s)",
+                        self.user,
+                        host,
+                        port,
+                        attempt,
+                        attempts,
+                        type(e).__name__,
+                    )
+            if attempt == attempts:
+                assert last is not None
+                where, error = last
+                tried = ", ".join(f"{h}:{p}" for h, p in self._endpoints)
+                raise TransportError(
+                    f"cannot reach RabbitMQ at {tried} after {attempts} attempts (last: "
+                    f"{where} {type(error).__name__}: {error}); check broker.host, broker.port "
+                    "and broker.addresses, and that the broker runs"
+                ) from error
+            log.warning("%s: retrying RabbitMQ in %.1f s", self.user, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, self.settings.reconnect_max_delay_s)
 
     def _open_channel(self) -> None:
         assert self._connection is not None
@@ -323,6 +409,7 @@ class AmqpTransport(Transport):
             user_id=message.user_id,
             headers=dict(message.headers),
             timestamp=int(time.time()),
+            expiration=None if message.expiration_ms is None else str(message.expiration_ms),
         )
 
         def publish(channel: BlockingChannel) -> None:
@@ -335,10 +422,42 @@ class AmqpTransport(Transport):
                     f"no queue is bound to routing key {routing_key!r} on {exchange!r}; "
                     "is the recipient part of the federation?"
                 ) from e
-            except pe.NackError as e:
-                raise TransportError(f"the broker refused message {message.message_id}") from e
 
-        self._run(f"publish {message.message_id} to {routing_key!r}", publish)
+        # A nack says a queue could not take the message: in a cluster, one whose leader is
+        # being elected after its node went down. Publishing again is RabbitMQ's advice; a
+        # copy that some queue did take is dropped by its receiver as a duplicate. Again on a
+        # new channel: on RabbitMQ 3.10.8 a channel whose first publish to a quorum queue
+        # came while the queue's leader was on a lost node nacks every later publish to it
+        # (tried: 40 in 20 s), while a new channel is accepted at once.
+        attempts = self.settings.reconnect_attempts
+        delay = self.settings.reconnect_delay_s
+        for attempt in range(1, attempts + 1):
+            try:
+                self._run(f"publish {message.message_id} to {routing_key!r}", publish)
+                return
+            except pe.NackError as e:
+                if attempt == attempts:
+                    raise TransportError(
+                        f"the broker refused message {message.message_id} to {routing_key!r} "
+                        f"{attempts} times; check the queues bound to it (rabbitmqctl "
+                        "list_queues name type online)"
+                    ) from e
+                log.warning(
+                    "%s: the broker refused message %s to %r, attempt %d/%d; retrying in %.1f s",
+                    self.user,
+                    message.message_id,
+                    routing_key,
+                    attempt,
+                    attempts,
+                    delay,
+                )
+                with self._lock:
+                    channel, self._channel = self._channel, None
+                    if channel is not None and channel.is_open:
+                        with contextlib.suppress(pe.AMQPError):  # replaced either way
+                            channel.close()
+            time.sleep(delay)
+            delay = min(delay * 2, self.settings.reconnect_max_delay_s)
 
     def get(self, queue: str, timeout: float = 0.0) -> Delivery | None:
         """The next delivery from ``queue`` within ``timeout`` seconds, or None."""

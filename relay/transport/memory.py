@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any
@@ -33,6 +34,8 @@ DEFAULT_MAX_MESSAGE_SIZE = 128 * 1024 * 1024
 class _Queued:
     message: Message
     deliveries: int = 0
+    expires_at: float | None = None
+    """time.monotonic() after which the broker drops the message unconsumed."""
 
 
 @dataclass
@@ -97,9 +100,20 @@ class MemoryBroker:
                 f"no queue is bound to routing key {routing_key!r} on {exchange!r}; "
                 "is the recipient part of the federation?"
             )
+        ttl = message.expiration_ms
+        expires = None if ttl is None else time.monotonic() + ttl / 1000
         for name in targets:
-            self._queues[name].ready.append(_Queued(message))
+            self._queues[name].ready.append(_Queued(message, expires_at=expires))
         self._lock.notify_all()
+
+    def _expire(self, queue: _Queue) -> None:
+        # As RabbitMQ does: an expired message is dead-lettered when it reaches the head.
+        dlx = queue.arguments.get("x-dead-letter-exchange")
+        now = time.monotonic()
+        while queue.ready and (expires := queue.ready[0].expires_at) is not None and expires < now:
+            item = queue.ready.popleft()
+            if dlx is not None:
+                self._dead_letter(dlx, queue.name, item, "expired", by_broker=True)
 
     def _dead_letter(
         self, exchange: str, queue: str, item: _Queued, reason: str, *, by_broker: bool = False
@@ -154,6 +168,7 @@ class MemoryTransport(Transport):
         self._check_open()
         with self.broker._lock:
             source = self.broker._queue(queue)
+            self.broker._expire(source)
             if not source.ready and timeout > 0:
                 self.broker._lock.wait_for(lambda: bool(source.ready), timeout)
             if not source.ready:

@@ -59,7 +59,7 @@ from relay.security import Security
 from relay.topology import Topology
 from relay.transport import Transport
 from relay.validation import parse_json
-from relay.workflows.ring import arrival_before, expected_hop, previous_stop
+from relay.workflows.ring import arrival_before, check_final, expected_hop, previous_stop
 from relay.workflows.state import GateRefusal, JobState, RoundRecord, Status
 from relay.workflows.store import JobStore
 
@@ -224,7 +224,7 @@ class Coordinator(Endpoint):
         job: JobState,
         make: Callable[..., Envelope],
         payload: bytes | bytearray,
-        **fields: object,
+        **fields: Any,
     ) -> None:
         self.outbox.send(
             make,
@@ -244,7 +244,7 @@ class Coordinator(Endpoint):
         job.round_inputs = []
         budget = job.spec.rounds if job.spec.algorithm is Algorithm.ENSEMBLE else 1
         job.deadline = now + job.spec.round_timeout_s * budget
-        job.dirty |= {"state", "reference", "velocity", "mean", "members"}
+        job.dirty |= {"state", "reference", "velocity", "mean"}
         self._announce(job, "round_opened", round=round)
         self.acted()  # saved before the round's model goes out: a restart re-sends it
         self._send_round(job, payload, job.spec.sites)
@@ -390,7 +390,7 @@ class Coordinator(Endpoint):
         def applied() -> None:
             # Marked first: a state saved while acting (before its messages go out) must
             # already say this message is in it.
-            job.applied.add(envelope.message_id)
+            job.applied[envelope.message_id] = None
             job.dirty.add("state")
             action()
 
@@ -427,18 +427,12 @@ class Coordinator(Endpoint):
             state = self._weights(job, received)
             return lambda: self._contribute(job, envelope.sender, state, envelope.sample_count)
         if isinstance(envelope, ModelEnvelope):
-            spec = job.spec
-            final = (spec.sites[-1], spec.rounds - 1, len(spec.sites))
-            if (
-                not algorithm.is_ring
-                or (envelope.sender, envelope.round, envelope.hop) != final
-                or job.status is not Status.RUNNING
-            ):
+            if not algorithm.is_ring or job.status is not Status.RUNNING:
                 raise EnvelopeError(
-                    f"envelope: the aggregator takes one model from a running ring job: from "
-                    f"{final[0]!r} after cycle {final[1]} (hop {final[2]}); got one from "
-                    f"{envelope.sender!r}, cycle {envelope.round}, hop {envelope.hop}"
+                    f"envelope: the aggregator takes a model only from a running ring job; job "
+                    f"{job.spec.job_id} is {algorithm}, {job.status}"
                 )
+            check_final(job.spec, envelope.sender, round=envelope.round, hop=envelope.hop)
             state = self._weights(job, received)
             return lambda: self._evaluate(job, [state], [envelope.sender])
         if isinstance(envelope, LineageEnvelope):
@@ -507,7 +501,7 @@ class Coordinator(Endpoint):
     def _contribute(self, job: JobState, site: str, state: StateDict, samples: int) -> None:
         job.contributors[site] = samples
         job.round_inputs.append(model_digest(state))  # as the site sent it, before any clipping
-        job.dirty |= {"state", "mean", "members"}
+        job.dirty.add("state")
         spec = job.spec
         if spec.max_update_norm is not None:
             norm = update_norm(job.reference, state)
@@ -515,8 +509,12 @@ class Coordinator(Endpoint):
                 job.clipped[site] = norm
                 state = clip_update(job.reference, state, spec.max_update_norm, norm=norm)
         if spec.algorithm is Algorithm.FEDAVG and spec.aggregation is Aggregation.MEAN:
+            # Streaming: one running sum, however many sites.
             job.mean.add(state, samples)
+            job.dirty.add("mean")
         else:
+            # Robust aggregation needs every update at once, an ensemble every member: the
+            # store writes each to its own file once, and they are read back from there.
             job.members[site] = state
         if len(job.contributors) == len(job.spec.sites):
             self._close_round(job, "all sites")
@@ -543,7 +541,7 @@ class Coordinator(Endpoint):
         )
         if job.spec.algorithm is Algorithm.ENSEMBLE:
             sites = [s for s in job.spec.sites if s in job.members]
-            self._evaluate(job, [job.members[s] for s in sites], sites)
+            self._evaluate(job, [dict(job.members[s]) for s in sites], sites)
             return
         average = self._aggregate(job)
         job.dirty |= {"reference", "velocity"}

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+import torch
 from pydantic import BaseModel, ConfigDict
 
 from relay.aggregation import WeightedMean
@@ -70,8 +72,9 @@ class JobState:
     contributors: dict[str, int] = field(default_factory=dict)
     clipped: dict[str, float] = field(default_factory=dict)
     """This round's sites whose update was clipped, with its norm before."""
-    members: dict[str, StateDict] = field(default_factory=dict)
-    """Ensemble members, or (median, trimmed mean) this round's site models."""
+    members: dict[str, Mapping[str, torch.Tensor]] = field(default_factory=dict)
+    """Ensemble members, or (median, trimmed mean) this round's site models: in memory until
+    the state is saved, then read from their files (see :mod:`relay.workflows.store`)."""
     final: list[StateDict] = field(default_factory=list)
     final_sites: list[str] = field(default_factory=list)
     final_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -86,12 +89,18 @@ class JobState:
     """This round's updates, by :func:`relay.lineage.model_digest`, for its aggregate step."""
     resumes: int = 0
     """Times the operator resumed it after it failed or was cancelled."""
-    applied: set[str] = field(default_factory=set)
-    """Ids of the messages already applied to this state (a restart must not apply twice)."""
+    applied: dict[str, None] = field(default_factory=dict)
+    """Ids of the messages already applied to this state (a restart must not apply twice);
+    a dict as an ordered set, so that each save logs only the ids added since the last."""
     generation: int = 0
     """How many times its state was saved; names the model files of each save."""
     files: dict[str, str] = field(default_factory=dict)
-    """The saved model files of the state last saved, by part."""
+    """The saved model files of the state last saved, by part (``members/<site>`` for each
+    member)."""
+    log_size: int = 0
+    """Bytes of the job's log that belong to the state last saved."""
+    logged: dict[str, int] = field(default_factory=dict)
+    """How many of each growing record (lineage, applied, …) the log holds."""
     dirty: set[str] = field(default_factory=set)
     """What changed since the state was last saved: ``state``, or a model part's name."""
 
