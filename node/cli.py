@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from pydantic import ValidationError
@@ -25,29 +25,23 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from node.audit import audit, find_roster
 from node.config import FederationConfig
 from node.config import load as load_config
-from node.jobreport import job_file, job_result, load_job, read_job_events
-from node.models import initial_weights
-from node.operate import federation_status, send_command, submit_job, wait_for_job
-from node.options import JobOptions
-from node.process import aggregator, serve, site_node, stop_on_signals
-from node.provision import OPERATOR, provision
-from node.report import Context as ReportContext
-from node.report import load_results, write_report
-from node.results import MODEL_FILE
-from node.simulate import RESULTS_FILE, SimulationConfig, SimulationResult, simulate
-from node.watch import Jobs, JobView, ReadStream, SiteView, follow
-from node.watch import snapshot as snapshot_events
-from relay.endpoint import Endpoint
+from node.options import JobOptions, SimulationConfig
 from relay.envelope import AGGREGATOR, Command, Envelope, MetricsEnvelope
 from relay.errors import ConfigError, FedrelayError
 from relay.jobspec import AbsentSite, Aggregation, Algorithm
-from relay.security import Roster
-from relay.transport import Message
-from relay.transport.amqp import AmqpTransport
 from relay.validation import describe
+
+# Torch, MONAI and matplotlib take seconds to import: each command imports what it uses, so
+# that `fedrelay job cancel` or `status` answers at once.
+if TYPE_CHECKING:
+    from node.report import Context as ReportContext
+    from node.simulate import SimulationResult
+    from node.watch import Jobs, JobView, ReadStream
+    from relay.endpoint import Endpoint
+    from relay.transport import Message
+    from relay.transport.amqp import AmqpTransport
 
 F = TypeVar("F", bound=Callable[..., Any])
 Opts = TypeVar("Opts", bound=JobOptions)
@@ -223,6 +217,8 @@ ALGORITHMS = click.Choice([a.value for a in Algorithm])
 @click.option("--json", "as_json", is_flag=True, help="Print results.json instead of a table.")
 def simulate_command(output: Path, as_json: bool, **options: object) -> None:
     """Simulate a federation in this process, on generated brain-tumour data."""
+    from node.simulate import simulate
+
     config = _validated(SimulationConfig, options)
     console = Console(stderr=True)
     with Progress(
@@ -280,6 +276,9 @@ def _print_baselines(result: SimulationResult, console: Console) -> None:
 
 
 def _print_table(result: SimulationResult, output: Path, console: Console) -> None:
+    from node.results import MODEL_FILE
+    from node.simulate import RESULTS_FILE
+
     algorithm = result.job.algorithm
     final = "ensemble" if algorithm is Algorithm.ENSEMBLE else "global model"
     table = Table(title=f"Dice on each site's validation cases: {algorithm}, {final}")
@@ -339,6 +338,8 @@ def _load(config_path: Path) -> FederationConfig:
 
 
 def _serve(make: Callable[[FederationConfig], Endpoint], config_path: Path) -> None:
+    from node.process import serve, stop_on_signals
+
     config = _load(config_path)
     stop = stop_on_signals()
     try:
@@ -356,6 +357,8 @@ def topology() -> None:
 @config_option
 def topology_declare(config_path: Path) -> None:
     """Declare the exchanges, quorum queues and bindings (as the aggregator; idempotent)."""
+    from relay.transport.amqp import AmqpTransport
+
     config = _load(config_path)
     section = config.aggregator_section()
     try:
@@ -401,6 +404,9 @@ def report_command(
 ) -> None:
     """Write a markdown report with plots from a simulation's results.json, or a deployed
     job's folder (<the aggregator's output>/<job id>) or its job.json."""
+    from node.jobreport import job_file
+    from node.report import load_results, write_report
+
     try:
         file = job_file(results)
         if file is None:
@@ -420,6 +426,8 @@ def _deployed_result(
 ) -> tuple[SimulationResult, ReportContext]:
     """A deployed job's results, with its events if ``config_path`` is given and its events
     log can be read (if not, a warning, and the report says so)."""
+    from node.jobreport import job_result, load_job, read_job_events
+
     record = load_job(file)
     if config_path is None:
         return job_result(record, None, source=str(file))
@@ -461,6 +469,9 @@ def lineage_group() -> None:
 def lineage_verify(model: Path, roster: Path | None, as_json: bool) -> None:
     """Check a model's lineage offline: every step signed by its party, every step starting
     from a model an earlier step made, the saved model the last step's. Exit 1 if not."""
+    from node.audit import audit, find_roster
+    from relay.security import Roster
+
     try:
         roster_path = roster or find_roster(model)
         verdict, spec = audit(model, Roster.load(roster_path) if roster_path else None)
@@ -512,6 +523,8 @@ def provision_command(
     encrypt_payloads: bool,
 ) -> None:
     """Write startup kits: keys, roster, broker users and rights, TLS certificates."""
+    from node.provision import OPERATOR, provision
+
     config = _load(federation_file)
     try:
         kits = provision(
@@ -542,6 +555,8 @@ def node() -> None:
 @click.option("--site", required=True, envvar="FEDRELAY_SITE", help="This site's name.")
 def node_run(config_path: Path, site: str) -> None:
     """Serve one site until SIGTERM/SIGINT: receive, persist, ack, train, send."""
+    from node.process import site_node
+
     _serve(lambda config: site_node(config, site), config_path)
 
 
@@ -554,6 +569,8 @@ def aggregator_group() -> None:
 @config_option
 def aggregator_run(config_path: Path) -> None:
     """Serve the aggregator until SIGTERM/SIGINT; finished jobs go to its output folder."""
+    from node.process import aggregator
+
     _serve(aggregator, config_path)
 
 
@@ -570,6 +587,10 @@ def job() -> None:
 @click.option("--wait", is_flag=True, help="Follow the events until the job ends.")
 def job_submit(config_path: Path, wait: bool, job_id: str | None, **options: Any) -> None:
     """Submit a job to the aggregator; prints its id (sites run in ring order of the file)."""
+    from node.models import initial_weights
+    from node.operate import submit_job, wait_for_job
+    from relay.transport.amqp import AmqpTransport
+
     config = _load(config_path)
     job_options = _validated(JobOptions, options)
     try:
@@ -618,6 +639,9 @@ def management_options(user_help: str) -> Callable[[F], F]:
 
 def _events_reader(config: FederationConfig, party: str) -> tuple[ReadStream, Jobs, AmqpTransport]:
     """A reader of the federation's events log, logged in as ``party``, and an empty fold."""
+    from node.watch import Jobs
+    from relay.transport.amqp import AmqpTransport
+
     transport = AmqpTransport(config.party_settings(party))
     queue = config.topology().log_queue
 
@@ -630,6 +654,8 @@ def _events_reader(config: FederationConfig, party: str) -> tuple[ReadStream, Jo
 
 
 def _site_line(view: JobView, site: str) -> str:
+    from node.watch import SiteView
+
     part = view.per_site.get(site) or SiteView()
     where = "" if part.round is None else f"r{part.round} h{part.hop}"
     dice = "" if part.dice_mean is None else f"dice {part.dice_mean:.3f}"
@@ -649,6 +675,9 @@ def _job_line(view: JobView) -> str:
 
 
 def _job_command(config_path: Path, job_id: str, command: Command, reason: str, wait: bool) -> None:
+    from node.operate import send_command, wait_for_job
+    from relay.transport.amqp import AmqpTransport
+
     config = _load(config_path)
     try:
         transport = AmqpTransport(config.party_settings(AGGREGATOR))
@@ -715,6 +744,8 @@ def watch_command(
 
     Exits when the job ends: 0 if it is done, 1 if it failed or was cancelled.
     """
+    from node.watch import follow
+
     config = _load(config_path)
     console = Console(stderr=True)
     try:
@@ -775,6 +806,9 @@ def status_command(
     *, config_path: Path, as_json: bool, user: str, password: str, party: str, job_count: int
 ) -> None:
     """One screen: queues, sites online, dead letters, and the newest jobs' state."""
+    from node.operate import federation_status
+    from node.watch import snapshot as snapshot_events
+
     config = _load(config_path)
     try:
         snapshot = federation_status(config, user=user, password=password)

@@ -1,6 +1,7 @@
 """The job a user asks for on the command line, turned into a job spec for any federation.
 
 ``fedrelay simulate`` and ``fedrelay job submit`` share these options and their defaults.
+Light to import (no torch): the command line builds its options from them at start-up.
 """
 
 from __future__ import annotations
@@ -112,3 +113,51 @@ class JobOptions(BaseModel):
         if job_id is None:
             return spec
         return JobSpec.model_validate(spec.model_dump() | {"job_id": job_id})
+
+
+CaseSplit = Literal["even", "brats"]
+"""How a simulation shares its cases between sites (see :mod:`node.phantom`)."""
+
+
+class SimulationConfig(JobOptions):
+    """What to simulate: the job, and the generated data of its sites."""
+
+    sites: int = Field(default=3, ge=1, le=64)
+    volume_size: int = Field(default=32, ge=16, le=128)
+    cases_per_site: int = Field(default=10, ge=4, le=500)
+    case_split: CaseSplit = Field(
+        default="even", description="even (±20%) or brats (BraTS institution proportions)"
+    )
+    heterogeneity: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=1.0,
+        description="how far sites' scanners and lesion sizes differ: 0 alike, 1 widest",
+    )
+    baselines: bool = Field(
+        default=False, description="also train centralized and local-only, same budget"
+    )
+    encrypt_payloads: bool = Field(
+        default=False, description="encrypt every payload end to end for its recipient"
+    )
+
+    def site_names(self) -> tuple[str, ...]:
+        """site-1, site-2, …"""
+        return tuple(f"site-{i + 1}" for i in range(self.sites))
+
+    @model_validator(mode="after")
+    def _valid_job(self) -> SimulationConfig:
+        self.job()  # a setting the job spec refuses is refused here, before any work starts
+        levels = 2 ** (self.depth - 1)
+        if self.volume_size % levels:
+            raise ValueError(
+                f"'volume_size' {self.volume_size} must be a multiple of {levels} for a "
+                f"network of depth {self.depth}"
+            )
+        return self
+
+    def job(
+        self, *, federation: str = "sim", sites: Sequence[str] = (), job_id: str | None = None
+    ) -> JobSpec:
+        """The job spec this simulation submits (federation ``sim``, sites site-1 …)."""
+        return super().job(federation=federation, sites=sites or self.site_names(), job_id=job_id)

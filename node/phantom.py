@@ -13,11 +13,11 @@ federation see differently distributed data, as they would in practice.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch.nn.functional import interpolate
 
+from node.options import CaseSplit
 from relay.errors import ConfigError
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")
@@ -90,8 +90,6 @@ _PROFILE_RANGES = {
 BRATS_PROPORTIONS = (70, 27, 17, 12, 11, 9, 6, 6, 4, 3)
 """Cases per institution in the multi-institutional BraTS data Sheller et al. (2020) split
 by origin, largest first: a federation's sites are rarely of one size."""
-
-CaseSplit = Literal["even", "brats"]
 
 
 def site_profiles(

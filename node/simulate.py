@@ -15,14 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field
 
 from node.algo import SiteAlgo
 from node.baselines import centralized, local_only
 from node.data import cases_from
 from node.models import initial_weights
-from node.options import JobOptions
-from node.phantom import CaseSplit, SiteProfile, federation_site
+from node.options import SimulationConfig
+from node.phantom import SiteProfile, federation_site
 from node.results import MODEL_FILE, ROSTER_FILE, save_model
 from node.site import SiteNode
 from node.trainer import SegmentationTrainer, trainer_factory
@@ -44,50 +44,6 @@ from relay.workflows.coordinator import Coordinator
 from relay.workflows.state import GateRefusal, JobState, Status
 
 RESULTS_FILE = "results.json"
-
-
-class SimulationConfig(JobOptions):
-    """What to simulate: the job, and the generated data of its sites."""
-
-    sites: int = Field(default=3, ge=1, le=64)
-    volume_size: int = Field(default=32, ge=16, le=128)
-    cases_per_site: int = Field(default=10, ge=4, le=500)
-    case_split: CaseSplit = Field(
-        default="even", description="even (±20%) or brats (BraTS institution proportions)"
-    )
-    heterogeneity: float = Field(
-        default=1.0,
-        ge=0.0,
-        le=1.0,
-        description="how far sites' scanners and lesion sizes differ: 0 alike, 1 widest",
-    )
-    baselines: bool = Field(
-        default=False, description="also train centralized and local-only, same budget"
-    )
-    encrypt_payloads: bool = Field(
-        default=False, description="encrypt every payload end to end for its recipient"
-    )
-
-    def site_names(self) -> tuple[str, ...]:
-        """site-1, site-2, …"""
-        return tuple(f"site-{i + 1}" for i in range(self.sites))
-
-    @model_validator(mode="after")
-    def _valid_job(self) -> SimulationConfig:
-        self.job()  # a setting the job spec refuses is refused here, before any work starts
-        levels = 2 ** (self.depth - 1)
-        if self.volume_size % levels:
-            raise ValueError(
-                f"'volume_size' {self.volume_size} must be a multiple of {levels} for a "
-                f"network of depth {self.depth}"
-            )
-        return self
-
-    def job(
-        self, *, federation: str = "sim", sites: Sequence[str] = (), job_id: str | None = None
-    ) -> JobSpec:
-        """The job spec this simulation submits (federation ``sim``, sites site-1 …)."""
-        return super().job(federation=federation, sites=sites or self.site_names(), job_id=job_id)
 
 
 class SiteData(BaseModel):
