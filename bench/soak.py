@@ -332,8 +332,8 @@ def main() -> None:
         print("\nnot correct:")
         for t in failed:
             print(f"- {t.kind}, {t.point}: " + "; ".join(map(str, t.problems))[:1500])
-    garbage = sum(len([n for n in t.notes if "partial transfer" in n]) for t in trials)
-    print(f"\npartial chunk transfers left in spools at trial ends (litter): {garbage}")
+    garbage = sum(1 for t in trials for p in t.problems if str(p).startswith("litter: "))
+    print(f"\npartial chunk transfers left in spools after their job (litter): {garbage}")
     print(f"logs and spools: {root}")
     if args.json is not None:
         records = [

@@ -436,6 +436,7 @@ class SiteNode(Endpoint):
         self._ring_position.pop(job_id, None)
         self._gate_references.pop(job_id, None)
         self.handoffs.release(job_id)
+        self.drop_transfers(job_id)
         algo = self.algos.pop(job_id, None)
         if algo is not None:
             algo.finalize(job_id)

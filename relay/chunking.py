@@ -165,6 +165,19 @@ class Reassembler:
         self.release(key)
         self._part(key).unlink(missing_ok=True)
 
+    def discard_job(self, job_id: str) -> int:
+        """Delete the incomplete transfers of a job that is over here; return how many. A
+        sender killed mid-message sends it again whole, under a new message id: the first
+        copy's chunks would otherwise stay on disk for good."""
+        stale = [
+            key
+            for key, transfer in self._transfers.items()
+            if not transfer.complete and transfer.slot.split("|")[1] == job_id
+        ]
+        for key in stale:
+            self.discard(key)
+        return len(stale)
+
     def release(self, key: str) -> None:
         """The complete payload is safe elsewhere (or refused): forget the transfer."""
         self._transfers.pop(key, None)

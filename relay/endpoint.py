@@ -232,6 +232,12 @@ class Endpoint(ABC):
         is nothing to do.
         """
 
+    def drop_transfers(self, job_id: str) -> None:
+        """The job is over here: delete its chunked messages that never completed."""
+        dropped = self.inbox.reassembler.discard_job(job_id)
+        if dropped:
+            log.info("%s deletes %d unfinished transfer(s) of job %s", self.name, dropped, job_id)
+
     def acted(self) -> None:  # noqa: B027 - optional hook
         """Called after a message's work is done, before the journal forgets the message:
         an endpoint with state of its own makes it durable here."""

@@ -359,8 +359,9 @@ class Outcome:
     leftovers: list[str] = field(default_factory=list)
     """Journal entries not finished, messages left in queues (each one line)."""
     garbage: list[str] = field(default_factory=list)
-    """Partial chunk transfers left in spools: disk litter, not loss (a sender that died
-    mid-message sent it again whole, under a new message id)."""
+    """Partial chunk transfers left in spools once the job is over: disk litter, not loss (a
+    sender that died mid-message sent it again whole, under a new message id, and a party
+    deletes the first copy's chunks when the job ends)."""
 
 
 class Deployment:
@@ -694,17 +695,19 @@ class Deployment:
         present = [p for p in ("aggregator", *self.sites) if p not in set(absent)]
         deadline = time.monotonic() + settle_s
         while True:
-            # The last site finishes its journal entry just after its final metrics went out.
+            # The last site finishes its journal entry just after its final metrics went out,
+            # and forgets the job (and its unfinished transfers) when it hears the job ended.
             outcome.leftovers = self._leftovers(present)
-            if not outcome.leftovers or time.monotonic() > deadline:
+            litter = {
+                f"{party}: partial transfer {path.name}"
+                for party in present
+                for path in (self.spool(party) / "chunks").glob("*.chunks")
+            }
+            outcome.garbage = sorted(litter - self._litter)  # this job's
+            done = not outcome.leftovers and not outcome.garbage
+            if done or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
-        litter = {
-            f"{party}: partial transfer {path.name}"
-            for party in present
-            for path in (self.spool(party) / "chunks").glob("*.chunks")
-        }
-        outcome.garbage = sorted(litter - self._litter)  # this job's
         self._litter |= litter
         outcome.dead = self._read_dead(job_id)
         return outcome
@@ -978,7 +981,7 @@ def _verdict(
     site lost optimizer state the job keeps), with ``found`` ones added."""
     restarted = set(restarted)
     deterministic = not (recipe.keep_optimizer_state and restarted - {"aggregator"})
-    problems = [*found]
+    problems = [*found, *(Problem(f"litter: {g}", lost=False) for g in outcome.garbage)]
     problems += audit(
         outcome,
         spec,
@@ -988,7 +991,6 @@ def _verdict(
         deterministic=deterministic,
     )
     same = None if outcome.final_digest is None else outcome.final_digest == baseline.final_digest
-    notes = [*notes, *outcome.garbage]
     return Trial(kind, point, problems, outcome.seconds, notes, reached, same)
 
 

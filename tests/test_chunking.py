@@ -15,13 +15,15 @@ from relay.errors import ChunkError
 CHUNK = 1000
 
 
-def chunked(payload: bytes, chunk_size: int = CHUNK) -> list[tuple[ModelEnvelope, memoryview]]:
+def chunked(
+    payload: bytes, chunk_size: int = CHUNK, job_id: str = "job"
+) -> list[tuple[ModelEnvelope, memoryview]]:
     parts = split(payload, chunk_size)
     first = None
     out = []
     for i, part in enumerate(parts):
         envelope = ModelEnvelope(
-            job_id="job",
+            job_id=job_id,
             algorithm="cwt",
             sender="site-1",
             recipient="site-2",
@@ -157,6 +159,22 @@ def test_a_restarted_receiver_keeps_the_chunks_it_had(tmp_path: Path, payload: b
     second.add(*chunks[3])
     complete = second.add(*chunks[4])
     assert complete is not None and complete.read_bytes() == payload
+
+
+def test_a_finished_jobs_unfinished_transfers_are_deleted_and_other_jobs_kept(
+    tmp_path: Path, payload: bytes
+) -> None:
+    # A sender killed mid-message sends it again whole under a new id: the first copy's
+    # chunks never complete. Once the job is over here, they go.
+    abandoned, other = chunked(payload), chunked(payload, job_id="other")
+    reassembler = Reassembler(tmp_path)
+    for chunk in abandoned[:3] + other[:2]:
+        reassembler.add(*chunk)
+    assert reassembler.discard_job("job") == 1
+    assert not any(tmp_path.glob(f"{transfer_key(abandoned[0][0])}.*"))
+    restarted = Reassembler(tmp_path)
+    assert list(restarted.pending()) == [transfer_key(other[0][0])]
+    assert restarted.discard_job("job") == 0
 
 
 def test_a_transfer_completed_just_before_a_crash_completes_again_on_redelivery(

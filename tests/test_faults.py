@@ -105,6 +105,20 @@ def test_a_site_killed_between_two_chunks_of_its_update_sends_it_again_whole(
     assert trial.same_model
 
 
+def test_an_aggregator_killed_between_a_job_spec_and_its_initial_model_starts_the_job(
+    deployment: Deployment, baselines: Baselines
+) -> None:
+    baseline = baselines.get(deployment, CWT)
+    # The spec is acked and the initial model half taken: the restarted aggregator must still
+    # know the spec the remaining chunks belong to.
+    point = f"ack:model:{CWT.model_chunks // 2}"
+    trial = kill_at(deployment, CWT, baseline, party="aggregator", point=point, kind="accepting")
+    assert trial.reached, trial.point
+    assert trial.correct, clean(trial)
+    assert trial.same_model
+    assert not any((deployment.spool("aggregator") / "submitted").iterdir())
+
+
 def test_connections_force_closed_mid_job_are_rebuilt_and_nothing_is_lost(
     deployment: Deployment, baselines: Baselines
 ) -> None:

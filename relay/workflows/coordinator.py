@@ -98,7 +98,7 @@ class Coordinator(Endpoint):
         self.on_finish = on_finish
         self.store = JobStore(spool)
         self.jobs: dict[str, JobState] = {job.spec.job_id: job for job in self.store.load()}
-        self._submitted: dict[str, JobSpec] = {}
+        self._submitted: dict[str, JobSpec] = self.store.held_submissions()
         now = self.clock()
         for job in self.jobs.values():
             if not job.finished and job.deadline is not None:
@@ -299,12 +299,12 @@ class Coordinator(Endpoint):
             submitted = parse_json(JobSpec, bytes(received.payload), what="job")
             if submitted.job_id != envelope.job_id:
                 raise EnvelopeError(f"job.job_id {submitted.job_id!r} differs from the envelope's")
-            return lambda: self._submitted.__setitem__(submitted.job_id, submitted)
+            return lambda: self._hold_submission(submitted)
         spec = self._submitted.get(envelope.job_id)
         if spec is None:
             raise EnvelopeError(
-                f"job {envelope.job_id}: its initial model came without its job spec (an "
-                "aggregator restart in between loses the spec: submit the job again)"
+                f"job {envelope.job_id}: its initial model came without its job spec; submit "
+                "the job again"
             )
         initial = decode(received.payload)
         bad = [n for n, t in initial.items() if t.is_floating_point() and not t.isfinite().all()]
@@ -350,13 +350,20 @@ class Coordinator(Endpoint):
         else:
             self._open_round(job, job.round, encode(job.reference))
 
+    def _hold_submission(self, spec: JobSpec) -> None:
+        self.store.hold_submission(spec)
+        self._submitted[spec.job_id] = spec
+
     def _start_submitted(self, spec: JobSpec, initial: StateDict) -> None:
-        del self._submitted[spec.job_id]
         try:
-            self.submit(spec, initial)
+            if spec.job_id not in self.jobs:  # else started before a crash: it resumes
+                self.submit(spec, initial)  # saves the job's state, even if it fails
         except ConfigError as e:
             log.error("job %s refused: %s", spec.job_id, e)
             self.rejected.append(str(e))
+        finally:
+            del self._submitted[spec.job_id]
+            self.store.drop_submission(spec.job_id)
 
     def _job(self, envelope: Envelope) -> JobState:
         job = self.jobs.get(envelope.job_id)
@@ -623,6 +630,7 @@ class Coordinator(Endpoint):
         if self.on_finish is not None:
             self.on_finish(job)
         self.acted()
+        self.drop_transfers(job.spec.job_id)
         command = Command.JOB_DONE if status is Status.DONE else Command.JOB_FAILED
         if status is not Status.DONE:
             log.error("job %s %s: %s", job.spec.job_id, status, reason)

@@ -83,6 +83,32 @@ class JobStore:
     def __init__(self, spool: Path) -> None:
         self.directory = spool / "jobs"
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.submissions = spool / "submitted"
+        """Job specs taken from ``fedrelay job submit`` whose initial model has not come yet:
+        acked, so kept on disk (a restart in between must not lose the spec)."""
+        self.submissions.mkdir(exist_ok=True)
+
+    def hold_submission(self, spec: JobSpec) -> None:
+        """Keep a submitted spec, durably, until its initial model starts the job."""
+        replace_file(self.submissions / f"{spec.job_id}.json", spec.model_dump_json().encode())
+
+    def held_submissions(self) -> dict[str, JobSpec]:
+        """The specs kept by :meth:`hold_submission` and not yet dropped, by job id."""
+        held = {}
+        for path in sorted(self.submissions.glob("*.json")):
+            try:
+                spec = JobSpec.model_validate_json(path.read_bytes())
+            except (OSError, ValueError) as e:
+                raise ConfigError(
+                    f"aggregator state {path}: {e}; it was written by another fedrelay version "
+                    "or damaged: delete it and submit that job again"
+                ) from e
+            held[spec.job_id] = spec
+        return held
+
+    def drop_submission(self, job_id: str) -> None:
+        """Forget a submitted spec: its job started (and was saved) or was refused."""
+        (self.submissions / f"{job_id}.json").unlink(missing_ok=True)
 
     def save(self, job: JobState) -> None:
         """Write what changed since the last save: new models (``job.dirty``, and members
