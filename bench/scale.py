@@ -224,7 +224,7 @@ class TimedStore(JobStore):
     """The aggregator's job store, counting the time its saves take."""
 
     def __init__(self, store: JobStore) -> None:
-        self.directory = store.directory
+        super().__init__(store.directory.parent)  # the same spool
         self.seconds = 0.0
         self.saves = 0
 

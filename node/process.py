@@ -112,8 +112,10 @@ def serve(endpoint: Endpoint, stop: threading.Event) -> None:
         log.info("%s serving %s", endpoint.name, endpoint.queue)
         notify(f"READY=1\nSTATUS=serving {endpoint.queue}")
         while not stop.is_set():
-            endpoint.poll(timeout=POLL_S)
-            endpoint.tick(time.time())
+            if endpoint.poll(timeout=POLL_S):
+                continue  # what is queued first: a word that answers a deadline is in it
+            with endpoint.journal.writing():
+                endpoint.tick(time.time())
     except FedrelayError as e:
         log.critical("%s stops: %s", endpoint.name, e)
         raise

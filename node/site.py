@@ -51,6 +51,7 @@ from relay.workflows.handoff import GRACE, Handoff, Handoffs
 from relay.workflows.ring import (
     Stop,
     arrival_before,
+    check_revisit,
     expected_hop,
     next_stop,
     previous_stop,
@@ -179,8 +180,14 @@ class SiteNode(Endpoint):
             else:
                 expected_hop(job, self.name, round=envelope.round, hop=envelope.hop)
                 expected = senders(job, round=envelope.round, hop=envelope.hop)
+            check_revisit(job, hop=envelope.hop, revisit=envelope.revisit)
             last = self._ring_position.get(job.job_id)
             if last is not None and (envelope.round, envelope.hop) <= last:
+                moving = job.absent_site is not AbsentSite.WAIT and envelope.sender in job.sites
+                if moving and envelope.task is Task.TRAIN and envelope.chunk_index == 0:
+                    # This site is here: its sender must not skip it and send a second token
+                    # on past it (two tokens would race round the ring).
+                    self._answer_taken(job, envelope)
                 raise EnvelopeError(
                     f"envelope.round/hop: cycle {envelope.round} hop {envelope.hop} was already "
                     f"trained here (last: cycle {last[0]} hop {last[1]}); a second "
@@ -253,6 +260,11 @@ class SiteNode(Endpoint):
     def _take(self, job: JobSpec, envelope: ModelEnvelope, weights: StateDict) -> None:
         """Tell the sender the token is stored here (so it does not skip this site), then
         train it."""
+        self._answer_taken(job, envelope)
+        self._train(job, envelope, weights, None)
+
+    def _answer_taken(self, job: JobSpec, envelope: ModelEnvelope) -> None:
+        """``hop_taken`` to a ring token's sender: this site has the token for that stop."""
         if envelope.sender not in (AGGREGATOR, self.name):
             self._publish(
                 job,
@@ -262,7 +274,6 @@ class SiteNode(Endpoint):
                 hop=envelope.hop,
                 command=Command.HOP_TAKEN,
             )
-        self._train(job, envelope, weights, None)
 
     def _taken(self, job: JobSpec, word: ControlEnvelope) -> None:
         """The site the token went to has stored it: the kept copy is not needed."""
@@ -430,13 +441,15 @@ class SiteNode(Endpoint):
         self._save_job(spec.job_id)
 
     def _forget(self, job_id: str) -> None:
+        # The job's files first, its record last: a crash in between forgets it again when
+        # the journalled message that ended it is resumed.
+        self.drop_transfers(job_id)
+        self.handoffs.release(job_id)
         (self._jobs_dir / f"{job_id}.json").unlink(missing_ok=True)
         self.jobs.pop(job_id, None)
         self._references.pop(job_id, None)
         self._ring_position.pop(job_id, None)
         self._gate_references.pop(job_id, None)
-        self.handoffs.release(job_id)
-        self.drop_transfers(job_id)
         algo = self.algos.pop(job_id, None)
         if algo is not None:
             algo.finalize(job_id)

@@ -21,7 +21,7 @@ import xxhash
 
 from relay.envelope import EnvelopeBase
 from relay.errors import ChunkError
-from relay.storage import append_line, file_digest, fsync_directory
+from relay.storage import NO_SPACE, append_line, file_digest, fsync_directory
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,9 @@ class Reassembler:
         already stored. Raises ChunkError for a chunk that is corrupt, of the wrong length,
         inconsistent with the transfer's other chunks, or a different chunk under an index
         already stored; when the reassembled payload's digest is wrong; and when the spool
-        cannot be written. The transfer is discarded in the last two cases.
+        cannot be written. The transfer is discarded in the last two cases, except for a
+        disk without space (:data:`relay.storage.NO_SPACE`): that OSError is raised as it is
+        and the chunks already stored are kept.
         """
         key = transfer_key(envelope)
         where = (
@@ -233,6 +235,10 @@ class Reassembler:
                 return self._finish(key, transfer)
             return self._store(key, (transfer, layout), envelope, checksum, data)
         except OSError as e:
+            if e.errno in NO_SPACE:
+                # Not the chunk's fault: what is stored stays (a torn record is cut off when
+                # the restarted node reloads the manifest), and the node stops (SpoolFull).
+                raise
             self.discard(key)
             raise ChunkError(f"{where}: cannot be written to the spool ({e})") from e
 

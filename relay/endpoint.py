@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from relay.envelope import EVENTS, Detail, Envelope, EventEnvelope
 from relay.errors import FedrelayError, InvalidInput
 from relay.jobspec import MAX_CHUNK_SIZE, Algorithm
-from relay.journal import MAX_ATTEMPTS, Entry, Journal
+from relay.journal import MAX_ATTEMPTS, Entry, Journal, SpoolFull
 from relay.messaging import Inbox, Outbox, Received, dedup_key
 from relay.security import Security
 from relay.topology import Topology
@@ -99,18 +99,20 @@ class Endpoint(ABC):
             if received is not None:
                 self.inbox.forget(received)
             return
-        entry = None
-        if received is not None:
-            entry = self.journal.persist(received, dedup_key(received.envelope))
-            self.inbox.remember(received)
-            self.transport.hold(self.queue)  # before the ack: nothing may queue up meanwhile
+        if received is None:  # a chunk stored, or a copy of what was handled
+            self.transport.ack(delivery)
+            return
+        entry = self.journal.persist(received, dedup_key(received.envelope))
+        self.inbox.remember(received)
+        self.transport.hold(self.queue)  # before the ack: nothing may queue up meanwhile
         self.transport.ack(delivery)
-        if entry is not None:
-            self._act(action, entry, _text(delivery.message.message_id))
+        self._act(action, entry, received)
 
     def resume(self) -> int:
         """Finish the work of messages acked before a crash or stop; return how many."""
         pending = self.journal.pending()
+        if pending:
+            self.journal.check_space()  # before a start is counted against any of them
         with self.journal.writing():
             for entry, received in pending:
                 self._resume_one(entry, received)
@@ -156,12 +158,17 @@ class Endpoint(ABC):
             )
             self.journal.complete(counted)
             return
-        self._act(action, counted, envelope.message_id)
+        self._act(action, counted, received)
 
-    def _act(self, action: Action | None, entry: Entry, message_id: str) -> None:
+    def _act(self, action: Action | None, entry: Entry, received: Received) -> None:
+        message_id = received.envelope.message_id
         try:
             if action is not None:
-                action()
+                with self.journal.writing():
+                    action()
+        except SpoolFull:
+            self.journal.uncount(entry, received.envelope)
+            raise
         except InvalidInput as e:
             # Found only while acting (after the ack): nothing to dead-letter any more, so the
             # refusal is logged and kept with the others; the endpoint goes on.

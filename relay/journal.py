@@ -13,7 +13,6 @@ given up because the disk filled.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 from collections.abc import Iterator
@@ -25,7 +24,14 @@ from relay.envelope import Envelope, parse_envelope, to_wire
 from relay.errors import ConfigError, EnvelopeError, FedrelayError
 from relay.jobspec import MAX_CHUNK_SIZE
 from relay.messaging import Received
-from relay.storage import append_line, fsync_directory, map_file, replace_file, write_file
+from relay.storage import (
+    NO_SPACE,
+    append_line,
+    fsync_directory,
+    map_file,
+    replace_file,
+    write_file,
+)
 
 MAX_ATTEMPTS = 3
 """Times an endpoint starts the work of one journalled message before giving up on it: work
@@ -36,9 +42,6 @@ SPOOL_HEADROOM = MAX_CHUNK_SIZE + 1024 * 1024
 message any job sends (one chunk of the largest chunk size) and the records written with it.
 Checked before taking, because a message taken and then not persisted goes back to its queue
 counted as a delivery, and the queue's delivery limit dead-letters it after a few."""
-
-_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-"""Errors that mean the spool cannot grow (disk full, quota, file-size limit)."""
 
 
 class SpoolFull(FedrelayError):
@@ -108,7 +111,7 @@ class Journal:
         try:
             yield
         except OSError as e:
-            if e.errno not in _FULL:
+            if e.errno not in NO_SPACE:
                 raise
             where = f" ({e.filename})" if e.filename else ""
             raise spool_full(self.spool, f"a write failed{where}: {e.strerror}") from e
@@ -134,12 +137,15 @@ class Journal:
                 # Not persisted, so not acked: the message comes again. Reassembled chunks go
                 # back where the redelivered last chunk finds them complete; a partial copy
                 # goes away (the space it holds may be what the disk lacks).
+                # The record first (it may have been renamed into place before the directory's
+                # fsync failed): a record whose payload was moved back would stop every restart.
+                (self.directory / f"{name}.json").unlink(missing_ok=True)
+                (self.directory / f"{name}.json.tmp").unlink(missing_ok=True)
                 if received.path is not None and payload.exists():
                     payload.replace(received.path)
                     fsync_directory(received.path.parent)
                 elif received.path is None:
                     payload.unlink(missing_ok=True)
-                (self.directory / f"{name}.json.tmp").unlink(missing_ok=True)
                 raise
         return entry
 
@@ -153,6 +159,17 @@ class Journal:
         with self.writing():
             self._record(counted, envelope)
         return counted
+
+    def uncount(self, entry: Entry, envelope: Envelope) -> None:
+        """Take back the start counted for ``entry``: its work stopped because the spool's disk
+        was full, which is no fault of the message, so it must not bring it nearer to being
+        given up. Best effort: with no room even for that record, the count stays."""
+        if entry.attempts > 1:
+            try:
+                self._record(Entry(entry.name, entry.key, entry.attempts - 1), envelope)
+            except OSError as e:
+                if e.errno not in NO_SPACE:
+                    raise
 
     def complete(self, entry: Entry) -> None:
         """The message's work is done: record it in the ledger, then forget the message."""

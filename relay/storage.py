@@ -6,12 +6,18 @@ the directory whenever a file is created or renamed into place.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import mmap
 import os
 from pathlib import Path
 
 _READ_BLOCK = 8 * 1024 * 1024
+
+
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+"""Write errors that mean the disk cannot grow (full, a quota, a file-size limit): not a
+fault of the message being written, so nothing received is given up for them."""
 
 
 def fsync_directory(directory: Path) -> None:

@@ -10,9 +10,10 @@ from pydantic import ValidationError
 from node.models import initial_weights
 from node.simulate import Federation, SimulationConfig
 from relay.envelope import AGGREGATOR
+from relay.errors import EnvelopeError
 from relay.jobspec import AbsentSite, JobSpec
 from relay.runner import run_until
-from relay.workflows.ring import Stop, next_stop, skip
+from relay.workflows.ring import Stop, check_revisit, next_stop, senders, skip
 from relay.workflows.state import JobState, Status
 from tests.test_workflows import config, dead_letters, drain
 
@@ -51,6 +52,50 @@ def test_the_ring_route_skips_and_revisits_by_the_job_s_policy() -> None:
     plain = cwt.model_copy(update={"absent_site": AbsentSite.SKIP})
     assert skip(plain, Stop("b", 0, 1)) == Stop("c", 0, 2)
     assert skip(plain, Stop("d", 1, 3)) == Stop(AGGREGATOR, 1, 4)
+
+
+def test_two_skipped_sites_are_revisited_in_turn_and_a_token_s_revisit_list_is_checked() -> None:
+    cwt = JobSpec(
+        algorithm="cwt",
+        sites=("a", "b", "c", "d"),
+        rounds=1,
+        absent_site="revisit",
+        hop_timeout_s=1,
+    )
+    after_b = skip(cwt, Stop("b", 0, 1))
+    after_c = skip(cwt, Stop(after_b.recipient, after_b.round, after_b.hop, after_b.revisit))
+    assert after_c == Stop("d", 0, 3, ("b", "c"))
+    assert next_stop(cwt, round=0, hop=3, revisit=("b", "c")) == Stop("b", 0, 4, ("c",))
+    assert next_stop(cwt, round=0, hop=4, revisit=("c",)) == Stop("c", 0, 5)
+    # The second revisit's hop lies past the ring's last position: any ring site may send it.
+    assert senders(cwt, round=0, hop=5) == frozenset(cwt.sites)
+    check_revisit(cwt, hop=3, revisit=("b", "c"))
+    for revisit, message in [
+        (("b", "b"), "each once"),
+        (("x",), "must name sites of the ring"),
+        (("a", "c", "d"), "do not fit"),  # after hop 5, revisit hops 6 and 7 are left
+    ]:
+        with pytest.raises(EnvelopeError, match=message):
+            check_revisit(cwt, hop=5, revisit=revisit)
+    wait = cwt.model_copy(update={"absent_site": AbsentSite.WAIT, "hop_timeout_s": None})
+    with pytest.raises(EnvelopeError, match="only revisit sends skipped sites along"):
+        check_revisit(wait, hop=1, revisit=("b",))
+
+
+def test_with_revisit_two_sites_back_after_their_skips_train_in_turn_at_the_cycle_s_end(
+    build: type[Federation],
+) -> None:
+    cfg = ring(absent="revisit", rounds=1, sites=4)
+    federation = build.build(cfg)
+    job = cfg.job()
+    state = federation.coordinator.submit(job, initial_weights(job.model, seed=job.seed))
+    away = ("site-2", "site-3")
+    present = [e for e in federation.endpoints if e.name not in away]
+    fourth = federation.sites[site(federation, "site-4")]
+    run_until(present, lambda: fourth._ring_position.get(job.job_id) == (0, 3))
+    run_until(federation.endpoints, lambda: state.finished)
+    assert state.status is Status.DONE, state.reason
+    assert hops(state) == [("site-1", 0, 0), ("site-4", 0, 3), ("site-2", 0, 4), ("site-3", 0, 5)]
 
 
 @pytest.mark.parametrize(
@@ -160,3 +205,27 @@ def test_a_site_that_takes_the_token_after_its_skip_cannot_fork_the_ring(
     expired = [m for m in dead if m.headers.get("x-first-death-reason")]
     assert len(stale) + len(expired) == 1, (third.rejected, [m.headers for m in dead])
     assert not first.handoffs.pending()
+
+
+def test_a_site_that_refuses_a_late_token_as_stale_tells_its_sender_not_to_skip_it(
+    build: type[Federation],
+) -> None:
+    cfg = ring("swt", hop_timeout_s=60)
+    federation = build.build(cfg)
+    job = cfg.job()
+    first, second, third = federation.sites
+    state = federation.coordinator.submit(job, initial_weights(job.model, seed=job.seed))
+    run_until([federation.coordinator, first], lambda: bool(first.handoffs.pending()))
+    first.tick(time.time() + 600)  # site-1 gives up on site-2 and sends its copy on ...
+    while job.job_id not in third._ring_position:
+        assert third.poll(timeout=5)  # ... which site-3 trains
+    while not second.handoffs.pending():
+        assert second.poll(timeout=5)  # site-2, back, trains the token it was sent
+    drain(third)  # and site-3 refuses site-2's as stale, telling site-2 it is there
+    drain(second)
+    assert any("was already trained here" in r for r in third.rejected)
+    assert not second.handoffs.pending()  # so site-2 will not skip site-3 and fork the ring
+    run_until(federation.endpoints, lambda: state.finished)
+    assert state.status is Status.DONE, state.reason
+    # The model that finished is the one that went on: site-2's late training is not in it.
+    assert [h[0] for h in hops(state)] == ["site-1", "site-3"]

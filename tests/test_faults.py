@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from relay.chunking import Reassembler, transfer_key
 from relay.codec import digest
 from relay.envelope import ModelEnvelope
 from relay.jobspec import Algorithm
@@ -33,6 +34,7 @@ from tests.faults import (
     restart_broker,
     unmount,
 )
+from tests.test_chunking import chunked
 
 pytestmark = pytest.mark.slow
 
@@ -249,6 +251,42 @@ def test_reassembled_chunks_go_back_where_they_were_if_their_record_cannot_be_wr
         filler.unlink()
     assert whole.read_bytes() == payload  # the redelivered last chunk finds it complete
     assert not list(journal.directory.iterdir())
+
+
+def test_a_chunk_that_does_not_fit_the_spool_stops_the_node_and_keeps_the_chunks_before_it(
+    small_disk: Path,
+) -> None:
+    chunks = chunked(os.urandom(4 * 64 * 1024), chunk_size=64 * 1024)
+    key = transfer_key(chunks[0][0])
+    journal = Journal(small_disk)
+    reassembler = Reassembler(small_disk / "chunks")
+    for chunk in chunks[:2]:
+        reassembler.add(*chunk)
+    filler = disk_filler(small_disk, leave=0)
+    try:
+        # Not the chunk's fault: no ChunkError (that would dead-letter the message) but the
+        # node's SpoolFull, and what was stored stays.
+        with pytest.raises(SpoolFull, match="a write failed"), journal.writing():
+            reassembler.add(*chunks[2])
+    finally:
+        filler.unlink()
+    restarted = Reassembler(small_disk / "chunks")
+    assert restarted.missing(key) == [2, 3]
+    for chunk in chunks[2:]:
+        complete = restarted.add(*chunk)
+    assert complete is not None and complete.stat().st_size == 4 * 64 * 1024
+
+
+def test_a_start_cut_short_by_a_full_spool_is_not_counted_against_the_message(
+    tmp_path: Path,
+) -> None:
+    journal = Journal(tmp_path)
+    envelope = model(b"weights")
+    entry = journal.persist(Received(envelope, memoryview(b"weights")), dedup_key(envelope))
+    counted = journal.attempt(entry, envelope)  # a restart begins the work again ...
+    journal.uncount(counted, envelope)  # ... and the disk is full: not a failed attempt
+    [(kept, _)] = Journal(tmp_path).pending()
+    assert kept.attempts == entry.attempts == 1
 
 
 def test_a_ledger_line_torn_by_a_crash_is_cut_so_the_next_key_stays_whole(

@@ -249,7 +249,12 @@ class AmqpTransport(Transport):
                     self._connection = pika.BlockingConnection(
                         self.settings.parameters((host, port))
                     )
-                    self._open_channel()
+                    try:
+                        self._open_channel()
+                    except pe.AMQPError:
+                        with contextlib.suppress(pe.AMQPError):  # its socket, not left open
+                            self._connection.close()
+                        raise
                     if self._connected_once or last is not None:
                         log.warning(
                             "%s connected to RabbitMQ at %s:%d (attempt %d/%d)",

@@ -291,7 +291,7 @@ class Coordinator(Endpoint):
             f"for job {envelope.job_id}"
         )
 
-    def _prepare_submission(self, received: Received) -> Action:
+    def _prepare_submission(self, received: Received) -> Action | None:
         envelope = received.envelope
         if isinstance(envelope, ControlEnvelope):
             return self._prepare_command(self.jobs[envelope.job_id], envelope)
@@ -300,6 +300,8 @@ class Coordinator(Endpoint):
             if submitted.job_id != envelope.job_id:
                 raise EnvelopeError(f"job.job_id {submitted.job_id!r} differs from the envelope's")
             return lambda: self._hold_submission(submitted)
+        if envelope.job_id in self.jobs:  # resumed: it started before the crash
+            return None
         spec = self._submitted.get(envelope.job_id)
         if spec is None:
             raise EnvelopeError(
@@ -361,9 +363,10 @@ class Coordinator(Endpoint):
         except ConfigError as e:
             log.error("job %s refused: %s", spec.job_id, e)
             self.rejected.append(str(e))
-        finally:
-            del self._submitted[spec.job_id]
-            self.store.drop_submission(spec.job_id)
+        # Any other error (the spool full before the job was saved) keeps the spec: the
+        # journalled initial model starts the job after the restart.
+        del self._submitted[spec.job_id]
+        self.store.drop_submission(spec.job_id)
 
     def _job(self, envelope: Envelope) -> JobState:
         job = self.jobs.get(envelope.job_id)

@@ -46,6 +46,9 @@ class Handoffs:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         self._held = {h.job_id: h for h in map(self._load, folder.glob("*.json"))}
+        for path in [*folder.glob("*.model"), *folder.glob("*.tmp")]:
+            if path.suffix == ".tmp" or path.stem not in self._held:
+                path.unlink()  # a release or a hold cut short by a crash
 
     def hold(self, handoff: Handoff, weights: StateDict | None = None) -> None:
         """Keep ``handoff`` (and, when given, the token's ``weights``) durably, replacing the

@@ -71,10 +71,35 @@ def skip(job: JobSpec, stop: Stop) -> Stop:
 def senders(job: JobSpec, *, round: int, hop: int) -> frozenset[str]:
     """Who may send the token arriving at (``round``, ``hop``): the stop before it; once
     sites can be skipped, any site of the ring (a skipped site's sender sends it on)."""
-    before = previous_stop(job, round=round, hop=hop)
     if job.absent_site is AbsentSite.WAIT:
-        return frozenset({before})
-    return frozenset(job.sites) | ({before} if before == AGGREGATOR else set())
+        return frozenset({previous_stop(job, round=round, hop=hop)})
+    # Revisit hops run past the ring's last position: no one site comes before them.
+    starts = (round, hop) == (0, 0)
+    return frozenset(job.sites) | ({AGGREGATOR} if starts else set())
+
+
+def check_revisit(job: JobSpec, *, hop: int, revisit: tuple[str, ...]) -> None:
+    """Raise EnvelopeError unless a token's ``revisit`` list can be this job's: empty unless
+    absent_site is revisit; else sites of the ring, each once, that fit in the cycle's
+    revisit hops after ``hop``."""
+    if not revisit:
+        return
+    if job.absent_site is not AbsentSite.REVISIT:
+        raise EnvelopeError(
+            f"envelope.revisit: {list(revisit)} on a token of a job whose absent_site is "
+            f"{job.absent_site}; only revisit sends skipped sites along"
+        )
+    unknown = [s for s in revisit if s not in job.sites]
+    if unknown or len(set(revisit)) != len(revisit):
+        raise EnvelopeError(
+            f"envelope.revisit: {list(revisit)} must name sites of the ring {list(job.sites)}, "
+            "each once"
+        )
+    if hop + len(revisit) >= 2 * len(job.sites):
+        raise EnvelopeError(
+            f"envelope.revisit: {len(revisit)} site(s) to revisit after hop {hop} do not fit "
+            f"in a cycle of {len(job.sites)} sites"
+        )
 
 
 def check_final(job: JobSpec, sender: str, *, round: int, hop: int) -> None:

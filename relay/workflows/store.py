@@ -146,9 +146,9 @@ class JobStore:
         _append_log(folder / LOG_FILE, job)
         replace_file(folder / STATE_FILE, json.dumps(_record(job, order)).encode())
         job.dirty.clear()
-        for path in folder.glob("*.safetensors"):
+        for path in [*folder.glob("*.safetensors"), *folder.glob("*.safetensors.tmp")]:
             if path.name not in job.files.values():
-                path.unlink()
+                path.unlink()  # replaced, or left by a save a crash cut short
 
     def load(self) -> list[JobState]:
         """Every job saved, oldest first."""
