@@ -367,7 +367,9 @@ class SiteNode(Endpoint):
         kept = timeout is not None and stop.recipient not in (AGGREGATOR, self.name)
         if kept:
             assert timeout is not None
-            held = Handoff(job.job_id, stop, time.time() + timeout * (1 + GRACE), skipped)
+            held = Handoff(
+                job.job_id, stop, time.time() + timeout * (1 + GRACE), skipped, sent=False
+            )
             self.handoffs.hold(held, weights)
         self._publish(
             job,
@@ -387,6 +389,27 @@ class SiteNode(Endpoint):
             )
         else:
             self.handoffs.release(job.job_id)
+
+    def resume(self) -> int:
+        """The journal's unfinished messages, then the hand-offs a crash cut short while their
+        token was being published: sent again (a copy the next site has is dropped there)."""
+        resumed = super().resume()
+        for held in self.handoffs.pending():
+            job = self.jobs.get(held.job_id)
+            if job is not None and not held.sent:
+                log.warning(
+                    "site %s sends job %s's token to %s (cycle %d hop %d) again: it was being "
+                    "published when the site stopped",
+                    self.name,
+                    job.job_id,
+                    held.stop.recipient,
+                    held.stop.round,
+                    held.stop.hop,
+                )
+                with self.journal.writing():
+                    weights = self.handoffs.weights(job.job_id)
+                    self._send_token(job, held.stop, weights, skipped=held.skipped)
+        return resumed
 
     def _answer_probe(self, probe: ControlEnvelope) -> None:
         """Publish a ``preflight`` event describing this site, under the probe's id."""

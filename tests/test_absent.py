@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 from pydantic import ValidationError
@@ -229,3 +230,26 @@ def test_a_site_that_refuses_a_late_token_as_stale_tells_its_sender_not_to_skip_
     assert state.status is Status.DONE, state.reason
     # The model that finished is the one that went on: site-2's late training is not in it.
     assert [h[0] for h in hops(state)] == ["site-1", "site-3"]
+
+
+def test_a_hand_off_cut_short_while_its_token_was_published_is_sent_again_on_restart(
+    build: type[Federation],
+) -> None:
+    cfg = ring("swt", hop_timeout_s=60)
+    federation = build.build(cfg)
+    job = cfg.job()
+    first, second, _ = federation.sites
+    state = federation.coordinator.submit(job, initial_weights(job.model, seed=job.seed))
+    assert second.poll(timeout=5)  # the job spec
+    run_until([federation.coordinator, first], lambda: bool(first.handoffs.pending()))
+    # The token site-2 was sent never arrives whole (the publish was cut short) ...
+    lost = second.transport.get(second.queue, timeout=5)
+    assert lost is not None and lost.message.type == "model"
+    second.transport.ack(lost)
+    [held] = first.handoffs.pending()
+    first.handoffs.hold(replace(held, sent=False))  # ... while site-1 was still publishing it
+    assert first.resume() == 0
+    run_until(federation.endpoints, lambda: state.finished)
+    assert state.status is Status.DONE, state.reason
+    assert [h[0] for h in hops(state)] == ["site-1", "site-2", "site-3"]
+    assert not any(s.handoffs.pending() for s in federation.sites)

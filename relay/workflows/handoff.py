@@ -37,6 +37,9 @@ class Handoff:
     """Seconds since the epoch."""
     skipped: tuple[str, ...] = ()
     """Sites this hand-off has skipped so far, in order."""
+    sent: bool = True
+    """Whether the broker confirmed the whole token; False while it is being published (a
+    restarted site sends it again, instead of skipping a site that never got it)."""
 
 
 class Handoffs:
@@ -62,6 +65,7 @@ class Handoffs:
             "revisit": list(handoff.stop.revisit),
             "deadline": handoff.deadline,
             "skipped": list(handoff.skipped),
+            "sent": handoff.sent,
         }
         replace_file(self._record(handoff.job_id), json.dumps(record).encode())
         self._held[handoff.job_id] = handoff
@@ -88,7 +92,13 @@ class Handoffs:
     def _load(self, path: Path) -> Handoff:
         record = json.loads(path.read_text())
         stop = Stop(record["recipient"], record["round"], record["hop"], tuple(record["revisit"]))
-        return Handoff(path.stem, stop, record["deadline"], tuple(record["skipped"]))
+        return Handoff(
+            path.stem,
+            stop,
+            record["deadline"],
+            tuple(record["skipped"]),
+            record.get("sent", True),
+        )
 
     def _record(self, job_id: str) -> Path:
         return self.folder / f"{job_id}.json"
