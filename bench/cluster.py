@@ -67,6 +67,7 @@ from relay.errors import InvalidInput
 from relay.lineage import model_digest
 from relay.transport import Message
 from relay.transport.amqp import AmqpTransport
+from tests.broker import phantom_sites, stop_processes, write_federation
 
 ROOT = Path(__file__).resolve().parents[1]
 FEDRELAY = str(Path(sys.executable).parent / "fedrelay")
@@ -353,19 +354,12 @@ class Parties:
         return "\n".join(f"--- {p}\n{self.log(p)[-3000:]}" for p in self.processes)
 
     def stop(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_processes(self.processes.values())
         for notify in self.notify.values():
             notify.close()
 
 
-def write_federation(root: Path, cluster: Cluster, cases: int, volume: int) -> Path:
+def federation_file(root: Path, cluster: Cluster, cases: int, volume: int) -> Path:
     """The coordinator's federation file: every node of the cluster, three phantom sites."""
     first, *others = cluster.nodes
     lines = [
@@ -381,19 +375,8 @@ def write_federation(root: Path, cluster: Cluster, cases: int, volume: int) -> P
         f'spool = "{root / "spool" / AGGREGATOR}"',
         f'output = "{root / "results"}"',
     ]
-    for index, site in enumerate(SITES):
-        lines += [
-            f"[sites.{site}]",
-            f'spool = "{root / "spool" / site}"',
-            f"[sites.{site}.data]",
-            f"index = {index}",
-            f"of = {len(SITES)}",
-            f"cases_per_site = {cases}",
-            f"volume_size = {volume}",
-        ]
-    path = root / "federation.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    sites = phantom_sites(SITES, root, cases_per_site=cases, volume_size=volume)
+    return write_federation(root, lines + sites)
 
 
 @dataclass
@@ -554,7 +537,7 @@ def soak(args: argparse.Namespace, root: Path) -> int:
         cluster.start()
         print(f"cluster up: {', '.join(n.name for n in cluster.nodes)} "
               f"({time.monotonic() - began:.0f} s)")  # fmt: skip
-        coordinator = write_federation(root, cluster, args.cases, args.volume)
+        coordinator = federation_file(root, cluster, args.cases, args.volume)
         kits = root / "kits"
         run(FEDRELAY, "provision", str(coordinator), "-o", str(kits), "--no-tls")
         # Declared now that the three nodes run, so each queue gets a member on each (the

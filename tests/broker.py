@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,54 @@ def federation_header(federation: str, root: Path, broker: TestBroker) -> list[s
         f'spool = "{root / "spool" / "aggregator"}"',
         f'output = "{root / "results"}"',
     ]
+
+
+def phantom_sites(
+    sites: Sequence[str],
+    root: Path,
+    *,
+    cases_per_site: int,
+    volume_size: int,
+    password: str | None = None,
+) -> list[str]:
+    """The [sites.*] sections of a federation file: each site spooled under ``root``/spool
+    with its share of generated phantom data (and, given one, its broker password)."""
+    lines: list[str] = []
+    for index, site in enumerate(sites):
+        lines += [
+            f"[sites.{site}]",
+            *([f'password = "{password}"'] if password is not None else []),
+            f'spool = "{root / "spool" / site}"',
+            f"[sites.{site}.data]",
+            f"index = {index}",
+            f"of = {len(sites)}",
+            f"cases_per_site = {cases_per_site}",
+            f"volume_size = {volume_size}",
+        ]
+    return lines
+
+
+def write_federation(root: Path, lines: Sequence[str]) -> Path:
+    """Write ``lines`` as ``root``/federation.toml; return its path."""
+    path = root / "federation.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def stop_processes(processes: Iterable[subprocess.Popen[Any]]) -> None:
+    """SIGTERM every process still running (waking any frozen one first) so that each
+    finishes its message in hand; SIGKILL those not gone within 30 s."""
+    processes = list(processes)
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGCONT)
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 class TestBroker:

@@ -50,11 +50,11 @@ from relay.jobspec import Algorithm, JobSpec
 from relay.journal import SPOOL_HEADROOM
 from relay.topology import Topology
 from relay.transport.amqp import AmqpTransport, BrokerSettings
+from tests.broker import PASSWORD, phantom_sites, stop_processes, write_federation
 
 FEDRELAY = str(Path(sys.executable).parent / "fedrelay")
 HOST = "127.0.0.1"
 ADMIN = ("guest", "guest")
-PASSWORD = "fedrelay-test"
 SITES = ("site-1", "site-2", "site-3")
 DATA = {"cases_per_site": 5, "volume_size": 16}
 HEARTBEAT_S = 10
@@ -413,20 +413,8 @@ class Deployment:
             f'spool = "{self.spool("aggregator")}"',
             f'output = "{self.root / "results"}"',
         ]
-        for index, site in enumerate(self.sites):
-            lines += [
-                f"[sites.{site}]",
-                f'password = "{PASSWORD}"',
-                f'spool = "{self.spool(site)}"',
-                f"[sites.{site}.data]",
-                f"index = {index}",
-                f"of = {len(self.sites)}",
-                f"cases_per_site = {DATA['cases_per_site']}",
-                f"volume_size = {DATA['volume_size']}",
-            ]
-        path = self.root / "federation.toml"
-        path.write_text("\n".join(lines) + "\n")
-        return path
+        sites = phantom_sites(self.sites, self.root, **DATA, password=PASSWORD)
+        return write_federation(self.root, lines + sites)
 
     def spool(self, party: str) -> Path:
         """The party's spool folder."""
@@ -543,16 +531,7 @@ class Deployment:
 
     def stop(self) -> None:
         """SIGTERM every process (each finishes its message in hand), SIGKILL stragglers."""
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGCONT)
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_processes(self.processes.values())
         for notify in self._notify.values():
             notify.close()
         shutil.rmtree(self._sockets, ignore_errors=True)

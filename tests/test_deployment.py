@@ -18,7 +18,16 @@ import pytest
 
 from node.simulate import Federation, SimulationConfig
 from relay.workflows.state import Status
-from tests.broker import PASSWORD, SecondBroker, TestBroker, federation_header, free_port
+from tests.broker import (
+    PASSWORD,
+    SecondBroker,
+    TestBroker,
+    federation_header,
+    free_port,
+    phantom_sites,
+    stop_processes,
+    write_federation,
+)
 
 FEDRELAY = str(Path(sys.executable).parent / "fedrelay")
 SITES = ("site-1", "site-2", "site-3")
@@ -73,34 +82,14 @@ class Deployment:
         return record
 
     def stop(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_processes(self.processes.values())
 
 
 def write_config(root: Path, broker: TestBroker) -> Path:
     for party in ("aggregator", *SITES):
         broker.settings(party)  # creates the broker user
-    lines = federation_header("deploy", root, broker)
-    for index, site in enumerate(SITES):
-        lines += [
-            f"[sites.{site}]",
-            f'password = "{PASSWORD}"',
-            f'spool = "{root / "spool" / site}"',
-            f"[sites.{site}.data]",
-            f"index = {index}",
-            f"of = {len(SITES)}",
-            f"cases_per_site = {DATA['cases_per_site']}",
-            f"volume_size = {DATA['volume_size']}",
-        ]
-    path = root / "federation.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    sites = phantom_sites(SITES, root, **DATA, password=PASSWORD)
+    return write_federation(root, federation_header("deploy", root, broker) + sites)
 
 
 @pytest.fixture(scope="module")

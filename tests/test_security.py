@@ -47,7 +47,7 @@ from relay.transport import Message, Transport
 from relay.transport.amqp import AmqpTransport
 from relay.workflows.coordinator import Coordinator
 from relay.workflows.state import Status
-from tests.broker import API, SecondBroker, api, free_port
+from tests.broker import API, SecondBroker, api, free_port, phantom_sites, write_federation
 
 SITES = ("site-1", "site-2", "site-3")
 
@@ -154,19 +154,8 @@ def federation_file(tmp_path: Path, *, port: int = 5672, host: str = "127.0.0.1"
         f'spool = "{tmp_path / "spool" / "aggregator"}"',
         f'output = "{tmp_path / "jobs"}"',
     ]
-    for index, site in enumerate(SITES):
-        lines += [
-            f"[sites.{site}]",
-            f'spool = "{tmp_path / "spool" / site}"',
-            f"[sites.{site}.data]",
-            f"index = {index}",
-            f"of = {len(SITES)}",
-            "cases_per_site = 4",
-            "volume_size = 16",
-        ]
-    path = tmp_path / "federation.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    sites = phantom_sites(SITES, tmp_path, cases_per_site=4, volume_size=16)
+    return write_federation(tmp_path, lines + sites)
 
 
 def kits(tmp_path: Path, **options: Any) -> tuple[Path, dict[str, FederationConfig]]:
