@@ -15,9 +15,10 @@ What it does, as an operator would:
    log get a member on each node (checked, and printed);
 3. starts the aggregator and the sites (``fedrelay aggregator run``, ``fedrelay node run``,
    each from its own kit) and runs each job once on the healthy cluster (the baseline);
-4. runs the same job again and, once ``--fault-after`` training steps are done (half of
+4. runs the same job again and, once ``--fault-after`` training steps are done (a third of
    them by default: the next model is then in flight), stops the broker node the parties are
-   connected to. The first time that is c1, which also
+   connected to; the node must be down while the job still has training to do (the figures
+   say how many steps were done by then), or the soak fails. The first time that is c1, which also
    leads every quorum queue (they were declared there) and holds the classic events queue;
    the node is started again after the job, and it rejoins before the next fault;
 5. checks that nothing was lost: the job is done; its lineage verifies and holds each site's
@@ -60,11 +61,13 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from node.config import load as load_config
+from node.dead import peek
 from node.operate import ManagementApi
 from node.watch import authentic
 from relay.envelope import AGGREGATOR, MetricsEnvelope
 from relay.errors import InvalidInput
 from relay.lineage import model_digest
+from relay.topology import Topology
 from relay.transport import Message
 from relay.transport.amqp import AmqpTransport
 from tests.broker import phantom_sites, stop_processes, write_federation
@@ -411,34 +414,44 @@ def run_job(
     args: list[str],
     *,
     fault: tuple[int, Callable[[], None]] | None = None,
-) -> tuple[str, float, float, dict[str, Any]]:
+) -> tuple[str, float, float, int, dict[str, Any]]:
     """Submit a job and wait for its job.json; ``fault`` = (training steps done, action).
-    Returns the job's id, its time, the fault's time after the submit, and its record."""
+    Returns the job's id, its time, the fault's time after the submit, the training steps
+    done once the fault's action had returned, and the job's record. A fault whose action
+    returns only after the job ended did not land mid-job: that fails the soak."""
     started = time.monotonic()
     submitted = run(FEDRELAY, "job", "submit", "-c", str(parties.config(AGGREGATOR)), *args)
     job_id = submitted.split()[0]
     path = output / job_id / "job.json"
     faulted: threading.Thread | None = None
     at = 0.0
+    down: int | None = None  # training steps done once the fault had taken effect
     while not path.exists():
         parties.supervise()
         if fault is not None and faulted is None and steps_done(parties, job_id) >= fault[0]:
             faulted = threading.Thread(target=fault[1])  # the job goes on while it stops
             faulted.start()
             at = time.monotonic() - started
+        if faulted is not None and down is None and not faulted.is_alive():
+            down = steps_done(parties, job_id)
         if time.monotonic() - started > JOB_TIMEOUT_S:
             raise SoakFailed(f"job {job_id} did not finish in {JOB_TIMEOUT_S} s\n{parties.tails()}")
         time.sleep(0.1)
     seconds = time.monotonic() - started
     if faulted is not None:
         faulted.join()
+        if down is None:
+            raise SoakFailed(
+                f"job {job_id} ended {seconds - at:.1f} s after the fault began, before it had "
+                "taken effect: give the job more work (--local-epochs, --rounds)"
+            )
     elif fault is not None:
         raise SoakFailed(
             f"job {job_id} was done before {fault[0]} training steps were (the sites' ledgers "
             f"list {steps_done(parties, job_id)})"
         )
     time.sleep(0.2)  # job.json is replaced whole; the model beside it is written first
-    return job_id, seconds, at, json.loads(path.read_text())
+    return job_id, seconds, at, down or 0, json.loads(path.read_text())
 
 
 def steps_done(parties: Parties, job_id: str) -> int:
@@ -446,11 +459,18 @@ def steps_done(parties: Parties, job_id: str) -> int:
     ledgers in their spools."""
     done = 0
     for site in SITES:
-        ledger = load_config(parties.config(site)).site(site).spool / "done.log"
+        ledger = ledger_path(parties.config(site), site)
         with contextlib.suppress(FileNotFoundError):
             lines = ledger.read_text().splitlines()
             done += sum(1 for line in lines if line.startswith(job_id) and "|train|" in line)
     return done
+
+
+@functools.cache
+def ledger_path(config: Path, site: str) -> Path:
+    """``site``'s ledger of finished messages (its federation file read once: the poll that
+    waits for the fault's moment must keep up with the job)."""
+    return load_config(config).site(site).spool / "done.log"
 
 
 def final_digest(output: Path, job_id: str) -> str:
@@ -513,7 +533,16 @@ def check(run_: JobRun, events: list[tuple[Any, Message]], cluster: Cluster, exp
     if not run_.lineage_ok:
         problems.append("lineage does not verify")
     if run_.dead_letters or run_.left_in_queues:
-        problems.append(f"{run_.dead_letters} dead letters, {run_.left_in_queues} left in queues")
+        letters = peek(cluster.api(), VHOST, Topology(FEDERATION, SITES))
+        said = "; ".join(
+            f"{row['kind']} {row['sender']}→{row['recipient']} job {str(row['job'])[:8]} round "
+            f"{row['round']} chunk {row['chunk']}: {row['reason']}"
+            for row in (letter.summary() for letter in letters)
+        )
+        problems.append(
+            f"{run_.dead_letters} dead letters ({said or 'none listed'}), "
+            f"{run_.left_in_queues} left in queues"
+        )
     if problems:
         raise SoakFailed(f"{run_.algorithm} job {run_.job_id}: " + "; ".join(problems))
 
@@ -560,7 +589,7 @@ def soak(args: argparse.Namespace, root: Path) -> int:
             expected = len(SITES) * args.rounds
             print(f"\n{algorithm}: {len(SITES)} sites, {args.rounds} rounds, "
                   f"{args.local_epochs} local epochs, volume {args.volume}, width 4")  # fmt: skip
-            job_id, seconds, _, record = run_job(parties, output, job)
+            job_id, seconds, _, _, record = run_job(parties, output, job)
             base = JobRun(algorithm, job_id, seconds, record, final_digest(output, job_id))
             print(f"  baseline {job_id[:8]}: {record['status']} in {seconds:.1f} s")
             connected = cluster.connected_nodes()
@@ -577,13 +606,13 @@ def soak(args: argparse.Namespace, root: Path) -> int:
             elif target.name in leaders:
                 what.append("it leads some quorum queues")
             fault = functools.partial(cluster.stop_node, target, kill=args.kill)
-            after = args.fault_after or expected // 2
-            job_id, seconds, at, record = run_job(parties, output, job, fault=(after, fault))
+            after = args.fault_after or max(1, expected // 3)
+            job_id, seconds, at, down, record = run_job(parties, output, job, fault=(after, fault))
             faulted = JobRun(algorithm, job_id, seconds, record, final_digest(output, job_id))
             how = "killed" if args.kill else "stopped"
             faulted.fault = (
-                f"{target.name} {how} at {at:.1f} s, {after} of {expected} training steps done "
-                f"({'; '.join(what)})"
+                f"{target.name} {how} at {at:.1f} s, {after} of {expected} training steps done, "
+                f"down with {down} done ({'; '.join(what)})"
             )
             faulted.failover = cluster.connected_nodes()
             print(f"  with fault {job_id[:8]}: {record['status']} in {seconds:.1f} s; "
@@ -657,12 +686,12 @@ def main() -> int:
     parser.add_argument(
         "--algorithm", action="append", choices=["cwt", "fedavg", "swt"], help="[cwt, fedavg]"
     )
-    parser.add_argument("--rounds", type=int, default=2, help="FedAvg rounds / CWT cycles")
-    parser.add_argument("--local-epochs", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="FedAvg rounds / CWT cycles")
+    parser.add_argument("--local-epochs", type=int, default=8)
     parser.add_argument("--cases", type=int, default=5, help="phantom cases per site")
     parser.add_argument("--volume", type=int, default=16, help="phantom volume size")
     parser.add_argument(
-        "--fault-after", type=int, default=0, help="training steps done before the fault [half]"
+        "--fault-after", type=int, default=0, help="training steps done before the fault [a third]"
     )
     parser.add_argument("--kill", action="store_true", help="SIGKILL the node's VM")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (logs)")
