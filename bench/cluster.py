@@ -18,9 +18,10 @@ What it does, as an operator would:
 4. runs the same job again and, once ``--fault-after`` training steps are done (a third of
    them by default: the next model is then in flight), stops the broker node the parties are
    connected to; the node must be down while the job still has training to do (the figures
-   say how many steps were done by then), or the soak fails. The first time that is c1, which also
-   leads every quorum queue (they were declared there) and holds the classic events queue;
-   the node is started again after the job, and it rejoins before the next fault;
+   say how many steps were done by then), or the soak fails. The first time that is c1,
+   which also leads every quorum queue (they were declared there) and holds the classic
+   events queue; the node is started again after the job, and it rejoins before the next
+   fault;
 5. checks that nothing was lost: the job is done; its lineage verifies and holds each site's
    training step of each round or hop exactly once; the events log shows each step once
    (copies of one message published again after a lost confirm or a nack are counted apart,
