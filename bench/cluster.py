@@ -78,6 +78,7 @@ FEDRELAY = str(Path(sys.executable).parent / "fedrelay")
 FEDERATION = "soak"
 VHOST = "fedrelay-soak"
 SITES = ("site-1", "site-2", "site-3")
+TOPOLOGY = Topology(FEDERATION, SITES)
 AMQP_PORT, MANAGEMENT_PORT, DIST_PORT = 5680, 15680, 25680
 """Node i (1-3) listens on these plus i."""
 JOB_TIMEOUT_S = 600
@@ -518,11 +519,9 @@ def check(run_: JobRun, events: list[tuple[Any, Message]], cluster: Cluster, exp
     run_.events = Counter({step: len(ids) for step, ids in by_step.items()})
     run_.resent = sum(n - 1 for n in copies.values())
     queues = {q["name"]: q for q in cluster.queues()}
-    run_.dead_letters = int(queues[f"fedrelay.{FEDERATION}.dead"]["messages"])
+    run_.dead_letters = int(queues[TOPOLOGY.dead_queue]["messages"])
     run_.left_in_queues = sum(
-        int(q["messages"])
-        for name, q in queues.items()
-        if name.startswith(f"fedrelay.{FEDERATION}.site.") or name.endswith(f".{AGGREGATOR}")
+        int(queues[TOPOLOGY.queue_of(party)]["messages"]) for party in (AGGREGATOR, *SITES)
     )
     problems = []
     if run_.record["status"] != "done":
@@ -534,7 +533,7 @@ def check(run_: JobRun, events: list[tuple[Any, Message]], cluster: Cluster, exp
     if not run_.lineage_ok:
         problems.append("lineage does not verify")
     if run_.dead_letters or run_.left_in_queues:
-        letters = peek(cluster.api(), VHOST, Topology(FEDERATION, SITES))
+        letters = peek(cluster.api(), VHOST, TOPOLOGY)
         said = "; ".join(
             f"{row['kind']} {row['sender']}→{row['recipient']} job {str(row['job'])[:8]} round "
             f"{row['round']} chunk {row['chunk']}: {row['reason']}"

@@ -50,11 +50,10 @@ from relay.jobspec import Algorithm, JobSpec
 from relay.journal import SPOOL_HEADROOM
 from relay.topology import Topology
 from relay.transport.amqp import AmqpTransport, BrokerSettings
-from tests.broker import PASSWORD, phantom_sites, stop_processes, write_federation
+from tests.broker import ADMIN, PASSWORD, phantom_sites, stop_processes, write_federation
 
 FEDRELAY = str(Path(sys.executable).parent / "fedrelay")
 HOST = "127.0.0.1"
-ADMIN = ("guest", "guest")
 SITES = ("site-1", "site-2", "site-3")
 DATA = {"cases_per_site": 5, "volume_size": 16}
 HEARTBEAT_S = 10
