@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/federated.py            # both settings, 3 seeds (≤ 30 min, 2 cores)
     .venv/bin/python bench/federated.py --quick    # one seed, fewer rounds (≤ 5 min)
+    .venv/bin/python bench/federated.py --settings similar --rounds 200 --methods fedavg
+                                                   # FedAvg against centralized at convergence
 
 Every method trains on the same generated brain-tumour phantom data with the same budget,
 ``--rounds`` × ``--local-epochs`` epochs of training per site:
@@ -13,6 +15,9 @@ Every method trains on the same generated brain-tumour phantom data with the sam
 - **SWT**: one pass around the ring, ``rounds × local_epochs`` epochs at each site;
 - **CWT**: ``rounds`` cycles around the ring, ``local_epochs`` at each site per visit;
 - **FedAvg**: ``rounds`` rounds of ``local_epochs`` at every site, averaged by case count.
+
+``--methods`` picks the federated jobs (default all); FedAvg's run is always among them, as it
+also trains the centralized and local-only baselines that every other figure is read against.
 
 in two settings: **similar**, 4 sites with even case counts and scanners close together
 (``heterogeneity`` 0.25), and **brats**, 10 sites sharing the cases in the BraTS
@@ -46,8 +51,9 @@ from pydantic import ValidationError
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from node.curves import Band, Curve, baseline_curve, federated_curve, plot
+from node.options import SimulationConfig
 from node.phantom import MODALITIES
-from node.simulate import SimulationConfig, SimulationResult, simulate
+from node.simulate import SimulationResult, simulate
 from relay.jobspec import Algorithm
 from relay.validation import describe
 
@@ -58,6 +64,10 @@ METHODS = ("centralized", "local only", "best single local", "ensemble", "swt", 
 PLOTTED = ("centralized", "local only", "ensemble", "swt", "cwt", "fedavg", DP)
 TARGET = 0.95  # "rounds to 95% of centralized"
 FLOORS = (("fedavg", 0.97), ("cwt", 0.95))  # DESIGN.md's targets, after Sheller et al. 2018
+JOBS = ("fedavg", "cwt", "swt", "ensemble", DP)
+""":meth:`Plan.configs`' jobs; FedAvg's run trains the centralized and local-only baselines."""
+OPTIONS = {"dp" if job == DP else job: job for job in JOBS}
+"""``--methods``' names for :data:`JOBS`."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,8 @@ class Plan:
     dp_noise: float
     """FedAvg with differential privacy at this noise multiplier, as well; 0: not run."""
     dp_clip: float
+    methods: tuple[str, ...] = tuple(JOBS)
+    """The federated jobs to run (``--methods``); FedAvg's also trains the baselines."""
 
     def configs(self, setting: Setting, seed: int) -> dict[str, SimulationConfig]:
         """The federated jobs on ``setting`` with ``seed``, at one matched budget; FedAvg's
@@ -124,6 +136,7 @@ class Plan:
                 common | job | {"baselines": method == "fedavg"}
             )
             for method, job in jobs.items()
+            if method in self.methods
         }
 
 
@@ -178,6 +191,13 @@ def _arguments() -> tuple[Plan, Path]:
         "--dp-noise", type=float, default=0.03, help="FedAvg + DP's noise multiplier; 0: skip"
     )
     parser.add_argument("--dp-clip", type=float, default=3.0, help="FedAvg + DP's clip norm")
+    parser.add_argument(
+        "--methods",
+        type=_methods,
+        default=JOBS,
+        help=f"federated jobs to run, of {','.join(OPTIONS)} [default: all]; fedavg's run also "
+        "trains centralized and local only, which every %% of centralized needs",
+    )
     parser.add_argument("--output", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     plan = Plan(
@@ -193,6 +213,7 @@ def _arguments() -> tuple[Plan, Path]:
         learning_rate=args.learning_rate,
         dp_noise=args.dp_noise,
         dp_clip=args.dp_clip,
+        methods=args.methods,
     )
     try:  # every job is checked before the first one starts
         for setting in plan.settings:
@@ -217,11 +238,25 @@ def _seeds(text: str) -> tuple[int, ...]:
 
 
 def _names(text: str) -> tuple[str, ...]:
+    return _choices(text, tuple(SETTINGS), "settings")
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    methods = _choices(text, tuple(OPTIONS), "methods")
+    if "fedavg" not in methods:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: include fedavg, whose run trains the centralized baseline that every "
+            "other method is measured against"
+        )
+    return tuple(OPTIONS[name] for name in methods)
+
+
+def _choices(text: str, known: tuple[str, ...], what: str) -> tuple[str, ...]:
     names = tuple(text.split(","))
-    unknown = sorted(set(names) - set(SETTINGS))
+    unknown = sorted(set(names) - set(known))
     if unknown or len(set(names)) < len(names):
         raise argparse.ArgumentTypeError(
-            f"{text!r}: give distinct settings from {list(SETTINGS)}"
+            f"{text!r}: give distinct {what} from {list(known)}"
             + (f"; unknown: {unknown}" if unknown else "")
         )
     return names
@@ -314,7 +349,7 @@ def _report(plan: Plan, runs: Sequence[Run], elapsed: float) -> str:
                 f"{plan.dp_clip} and noised at multiplier {plan.dp_noise} (`--dp-noise`, "
                 "`--dp-clip`)."
             ]
-            if plan.dp_noise
+            if plan.dp_noise and DP in plan.methods
             else []
         ),
         "- *time s*: one process, every site in turn; a federated job's time includes "
@@ -368,21 +403,14 @@ def _checks(setting: Setting, runs: Sequence[Run]) -> list[str]:
     ]
     for method, floor in FLOORS:
         ratios = [_ratio(runs, r) for r in _select(runs, setting.name, method)]
+        if not ratios:
+            continue  # not run (--methods)
         mean = statistics.fmean(ratios)
         noise = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
         verdict = "holds" if mean >= floor else "does NOT hold"
         if abs(mean - floor) < noise:
             verdict += f", within the seeds' spread (± {noise:.4f})"
         lines.append(f"- {method} ≥ {floor:.2f} × centralized: {mean:.4f} — {verdict}")
-    differences = [
-        ensemble.final["dice_mean"] - best.final["dice_mean"]
-        for ensemble, best in zip(
-            _select(runs, setting.name, "ensemble"),
-            _select(runs, setting.name, "best single local"),
-            strict=True,
-        )
-    ]
-    ahead = sum(d >= 0 for d in differences)
     private = _select(runs, setting.name, DP)
     if private:
         cost = [1 - _ratio(runs, r, "fedavg") for r in private]
@@ -392,6 +420,14 @@ def _checks(setting: Setting, runs: Sequence[Run]) -> list[str]:
             f"below FedAvg (Li et al. 2019: about 4%), each site having spent ε = {spent:,.1f} "
             "at δ = 1e-5 (a guarantee only for ε of a few units)"
         )
+    ensembles = _select(runs, setting.name, "ensemble")
+    if not ensembles:
+        return lines  # not run (--methods)
+    differences = [
+        ensemble.final["dice_mean"] - _peer(runs, ensemble, "best single local").final["dice_mean"]
+        for ensemble in ensembles
+    ]
+    ahead = sum(d >= 0 for d in differences)
     verdict = "holds" if statistics.fmean(differences) >= 0 else "does NOT hold"
     lines.append(
         f"- ensemble ≥ best single local model: {statistics.fmean(differences):+.4f} mean Dice "
@@ -432,6 +468,7 @@ def _plot(plan: Plan, runs: Sequence[Run], path: Path) -> None:
         bands = [
             Band(method, [r.curve for r in _select(runs, setting.name, method) if r.curve])
             for method in PLOTTED
+            if _select(runs, setting.name, method)
         ]
         target = statistics.fmean(
             TARGET * r.final["dice_mean"] for r in _select(runs, setting.name, REFERENCE)
