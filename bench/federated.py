@@ -16,9 +16,6 @@ Every method trains on the same generated brain-tumour phantom data with the sam
 - **CWT**: ``rounds`` cycles around the ring, ``local_epochs`` at each site per visit;
 - **FedAvg**: ``rounds`` rounds of ``local_epochs`` at every site, averaged by case count.
 
-``--methods`` picks the federated jobs (default all); FedAvg's run is always among them, as it
-also trains the centralized and local-only baselines that every other figure is read against.
-
 in two settings: **similar**, 4 sites with even case counts and scanners close together
 (``heterogeneity`` 0.25), and **brats**, 10 sites sharing the cases in the BraTS
 institutions' proportions (70:27:17:12:11:9:6:6:4:3) with the widest spread of scanners and
@@ -26,6 +23,9 @@ lesion sizes. (The settings differ in site count, case split and heterogeneity a
 difference between them cannot be pinned on one of those.) Every federated method runs as a
 real job on the embedded broker, so the bytes it moves are counted envelope by envelope;
 every model is scored on every site's validation cases, weighted by their number.
+
+``--methods`` picks the federated jobs (default all); FedAvg's run is always among them, as it
+also trains the centralized and local-only baselines that every other figure is read against.
 
 Writes, under ``--output`` (default ``bench/results``): ``federated.md`` (the tables and how
 to read them), ``federated.png`` (mean Dice against epochs of training per site, mean ± std
@@ -103,7 +103,7 @@ class Plan:
     dp_noise: float
     """FedAvg with differential privacy at this noise multiplier, as well; 0: not run."""
     dp_clip: float
-    methods: tuple[str, ...] = tuple(JOBS)
+    methods: tuple[str, ...] = JOBS
     """The federated jobs to run (``--methods``); FedAvg's also trains the baselines."""
 
     def configs(self, setting: Setting, seed: int) -> dict[str, SimulationConfig]:
@@ -349,7 +349,7 @@ def _report(plan: Plan, runs: Sequence[Run], elapsed: float) -> str:
                 f"{plan.dp_clip} and noised at multiplier {plan.dp_noise} (`--dp-noise`, "
                 "`--dp-clip`)."
             ]
-            if plan.dp_noise and DP in plan.methods
+            if any(r.method == DP for r in runs)
             else []
         ),
         "- *time s*: one process, every site in turn; a federated job's time includes "
@@ -466,9 +466,9 @@ def _plot(plan: Plan, runs: Sequence[Run], path: Path) -> None:
     panels = []
     for setting in plan.settings:
         bands = [
-            Band(method, [r.curve for r in _select(runs, setting.name, method) if r.curve])
+            Band(method, [r.curve for r in mine if r.curve])
             for method in PLOTTED
-            if _select(runs, setting.name, method)
+            if (mine := _select(runs, setting.name, method))
         ]
         target = statistics.fmean(
             TARGET * r.final["dice_mean"] for r in _select(runs, setting.name, REFERENCE)
